@@ -1,0 +1,136 @@
+"""The text-environment protocol, the registry, and `check_env`.
+
+An environment is any object with this shape (Gymnasium-like, for text):
+
+    env.tasks(split) -> list[str]                  # task ids of "train" / "test" (/ "dev")
+    env.reset(task) -> (observation, info)         # first observation of that task
+    env.step(action) -> (observation, reward, done, info)
+    env.system_prompt: str                         # instructions + action format shown to the policy
+    env.parse_action(reply) -> str | None          # model reply -> action, None when unparseable
+    env.expert_actions(task) -> list[str]          # optional: a winning action sequence
+    env.close()                                    # optional
+
+`info` from `step` always carries `valid` (the action was executable: the grounding signal),
+`won` (the task is solved) and `score` (the outcome so far, in [0, 1]). Environments may add keys
+(e.g. `progress` for the toy env's ground truth, `admissible` for the valid-action list).
+
+Rewards are delayed: the rollout takes the episode outcome from the final `info["score"]`, not
+from summing `reward`, so an env may return 0 reward until the end.
+
+Registration is by name: `@register("keydoor")` on a class, or a recipe may name any class as
+`"my_pkg.my_module:MyEnv"` with no edit to the framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Protocol, runtime_checkable
+
+SPLITS = ("train", "dev", "test")
+
+
+@runtime_checkable
+class TextEnv(Protocol):
+    system_prompt: str
+
+    def tasks(self, split: str) -> list[str]: ...
+
+    def reset(self, task: str) -> tuple[str, dict[str, Any]]: ...
+
+    def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]: ...
+
+    def parse_action(self, reply: str) -> str | None: ...
+
+
+class EnvError(RuntimeError):
+    """An environment cannot start (missing data, bad options). The message says what to fix."""
+
+
+_REGISTRY: dict[str, Callable[..., TextEnv]] = {}
+# Built-in envs live in modules imported on first use, so `import envs` stays cheap and
+# heavy engines (textworld, scienceworld) load only when asked for.
+_BUILTIN_MODULES = {
+    "keydoor": "envs.keydoor",
+    "textworld": "envs.textworld_env",
+    "scienceworld": "envs.scienceworld_env",
+    "alfworld": "envs.alfworld_env",
+    "webshop": "envs.webshop_env",
+}
+
+
+def register(name: str) -> Callable[[type], type]:
+    """Class decorator: make an env constructible by `make_env(name, **kwargs)`."""
+
+    def deco(cls: type) -> type:
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_names() -> list[str]:
+    return sorted(set(_REGISTRY) | set(_BUILTIN_MODULES))
+
+
+def resolve_env_class(name: str) -> Callable[..., TextEnv]:
+    """Map a registered short name or a `module.path:ClassName` to the env constructor."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+        return _REGISTRY[name]
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise EnvError(f"env.name={name!r}: cannot import module {module_name!r} ({e})") from e
+        if not hasattr(module, attr):
+            raise EnvError(f"env.name={name!r}: module {module_name!r} has no attribute {attr!r}")
+        return getattr(module, attr)
+    raise EnvError(
+        f"env.name={name!r} is not a registered environment; choose one of "
+        f"{registered_names()} or give 'package.module:ClassName'"
+    )
+
+
+def make_env(name: str, **kwargs: Any) -> TextEnv:
+    """Build an environment by registered name or `module:Class`, passing recipe options."""
+    cls = resolve_env_class(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise EnvError(f"env {name!r}: bad options {sorted(kwargs)}: {e}") from e
+
+
+def check_env(env: TextEnv, split: str = "train", max_tasks: int = 2) -> None:
+    """Assert that `env` follows the protocol; raise AssertionError naming what is wrong.
+
+    Runs a couple of episodes with the expert actions when the env offers them (they must win)
+    and checks the info keys, types and that an unparseable reply is handled.
+    """
+    assert isinstance(getattr(env, "system_prompt", None), str), "env.system_prompt must be a str"
+    tasks = env.tasks(split)
+    assert isinstance(tasks, list) and tasks, f"env.tasks({split!r}) must be a non-empty list"
+    assert all(isinstance(t, str) for t in tasks), "task ids must be strings"
+    assert env.parse_action("") is None or isinstance(env.parse_action(""), str)
+    for task in tasks[:max_tasks]:
+        obs, info = env.reset(task)
+        assert isinstance(obs, str) and obs, "reset must return a non-empty observation string"
+        assert isinstance(info, dict), "reset must return an info dict"
+        expert = getattr(env, "expert_actions", None)
+        actions = expert(task) if expert is not None else []
+        done, info = False, {}
+        for action in actions:
+            obs, reward, done, info = env.step(action)
+            assert isinstance(obs, str), "step observation must be a str"
+            assert isinstance(reward, (int, float)), "step reward must be a number"
+            assert isinstance(done, bool), "step done must be a bool"
+            for key in ("valid", "won", "score"):
+                assert key in info, f"step info must carry {key!r}"
+            assert info["valid"], f"expert action {action!r} was judged invalid on task {task!r}"
+            if done:
+                break
+        if actions:
+            assert done and info["won"], f"expert actions did not win task {task!r}"
+            assert 0.0 <= float(info["score"]) <= 1.0, "info['score'] must lie in [0, 1]"
