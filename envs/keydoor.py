@@ -1,0 +1,164 @@
+"""KeyDoor: a fast pure-Python key-and-door navigation task with an oracle and known progress.
+
+The agent stands in a `size` x `size` grid of rooms. It must walk to the key, `take key`, walk to
+the door and `open door`. Observations are relative ("The key is 2 steps north and 1 step
+east."), so the optimal policy is a function of the last observation and a small model can learn
+it; the horizon grows with `size` (the oracle needs up to 4*(size-1)+2 steps).
+
+Ground truth for credit assignment: `info["progress"]` is 0.5 once the key is held and 1.0 when
+the door is open, so only `take key` and `open door` make progress and every move makes none. The
+outcome is sparse: score 1 when won, else 0.
+
+Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions),
+drawn without replacement from one seeded stream, so train/dev/test never share a layout.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from envs.base import EnvError, register
+
+ACTIONS = ("go north", "go south", "go east", "go west", "take key", "open door")
+_MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
+_ACTION_RE = re.compile(r"^(go|take|open)\s+[a-z]+$")
+
+
+def parse_action(reply: str) -> str | None:
+    """First non-empty line, minus an optional 'Action:' prefix, lower-cased; None if it is not
+    of the form '<verb> <word>' with a known verb."""
+    for line in reply.strip().splitlines():
+        text = line.strip().lower()
+        if not text:
+            continue
+        text = re.sub(r"^action\s*:\s*", "", text)
+        text = re.sub(r"\s+", " ", text.strip(" .!,;:'\"`"))
+        return text if _ACTION_RE.match(text) else None
+    return None
+
+
+def _describe(name: str, dr: int, dc: int) -> str:
+    if dr == 0 and dc == 0:
+        return f"The {name} is here."
+    parts = []
+    if dr:
+        parts.append(f"{abs(dr)} step{'s' if abs(dr) > 1 else ''} {'south' if dr > 0 else 'north'}")
+    if dc:
+        parts.append(f"{abs(dc)} step{'s' if abs(dc) > 1 else ''} {'east' if dc > 0 else 'west'}")
+    return f"The {name} is {' and '.join(parts)}."
+
+
+@register("keydoor")
+class KeyDoorEnv:
+    """Options: `size` (grid side, >= 2), `max_steps` (default 4*size+2), `num_train_tasks`,
+    `num_dev_tasks`, `num_test_tasks`, `seed` (fixes the layouts)."""
+
+    system_prompt = (
+        "You are an agent in a grid of rooms. Find the key, take it, walk to the door and open it. "
+        "Reply with exactly one action per turn: go north, go south, go east, go west, take key, "
+        "open door."
+    )
+
+    def __init__(self, size: int = 3, max_steps: int | None = None, num_train_tasks: int = 64,
+                 num_dev_tasks: int = 16, num_test_tasks: int = 32, seed: int = 0):
+        if size < 2:
+            raise EnvError(f"env.size={size}: must be >= 2")
+        n_layouts = size**2 * (size**2 - 1) * (size**2 - 2)
+        wanted = num_train_tasks + num_dev_tasks + num_test_tasks
+        if wanted > n_layouts:
+            raise EnvError(f"keydoor size={size} has only {n_layouts} layouts, {wanted} tasks asked")
+        self.size = size
+        self.max_steps = max_steps or 4 * size + 2
+        cells = [(r, c) for r in range(size) for c in range(size)]
+        rng = random.Random(seed)
+        seen: set[tuple] = set()
+        layouts: list[tuple] = []
+        while len(layouts) < wanted:
+            layout = tuple(rng.sample(cells, 3))  # agent, key, door
+            if layout not in seen:
+                seen.add(layout)
+                layouts.append(layout)
+        counts = {"train": num_train_tasks, "dev": num_dev_tasks, "test": num_test_tasks}
+        self._layouts: dict[str, tuple] = {}
+        start = 0
+        for split, n in counts.items():
+            for i in range(n):
+                self._layouts[f"{split}-{i}"] = layouts[start + i]
+            start += n
+        self._splits = {s: [f"{s}-{i}" for i in range(n)] for s, n in counts.items()}
+        self._task: str | None = None
+
+    def tasks(self, split: str) -> list[str]:
+        if split not in self._splits:
+            raise EnvError(f"keydoor split {split!r}: choose one of {sorted(self._splits)}")
+        return list(self._splits[split])
+
+    def parse_action(self, reply: str) -> str | None:
+        return parse_action(reply)
+
+    def _observe(self) -> str:
+        if self.has_key:
+            return "You hold the key. " + _describe("door", self.door[0] - self.pos[0], self.door[1] - self.pos[1])
+        return _describe("key", self.key[0] - self.pos[0], self.key[1] - self.pos[1]) + " " + _describe(
+            "door", self.door[0] - self.pos[0], self.door[1] - self.pos[1])
+
+    def _info(self, valid: bool) -> dict:
+        progress = 1.0 if self.won else (0.5 if self.has_key else 0.0)
+        return {"valid": valid, "won": self.won, "score": 1.0 if self.won else 0.0, "progress": progress}
+
+    def reset(self, task: str) -> tuple[str, dict]:
+        if task not in self._layouts:
+            raise EnvError(f"keydoor has no task {task!r}")
+        self._task = task
+        self.pos, self.key, self.door = self._layouts[task]
+        self.has_key, self.won, self.steps = False, False, 0
+        return self._observe(), self._info(True)
+
+    def step(self, action: str) -> tuple[str, float, bool, dict]:
+        if self._task is None:
+            raise RuntimeError("keydoor: call reset(task) before step()")
+        self.steps += 1
+        action = parse_action(action) or action.strip().lower()
+        verb, _, obj = action.partition(" ")
+        msg = None
+        if verb == "go" and obj in _MOVES:
+            r, c = self.pos[0] + _MOVES[obj][0], self.pos[1] + _MOVES[obj][1]
+            if 0 <= r < self.size and 0 <= c < self.size:
+                self.pos = (r, c)
+                msg = f"You walk {obj}."
+            else:
+                reason = f"there is a wall to the {obj}"
+        elif action == "take key":
+            if not self.has_key and self.pos == self.key:
+                self.has_key = True
+                msg = "You took the key."
+            else:
+                reason = "you hold the key already" if self.has_key else "the key is not here"
+        elif action == "open door":
+            if self.has_key and self.pos == self.door:
+                self.won = True
+                msg = "You opened the door. You won."
+            else:
+                reason = "you do not hold the key" if not self.has_key else "the door is not here"
+        else:
+            reason = f"{action!r} is not a valid action"
+        valid = msg is not None
+        obs = (msg if valid else f"Nothing happens: {reason}.") + (" " + self._observe() if not self.won else "")
+        done = self.won or self.steps >= self.max_steps
+        return obs, 1.0 if self.won else 0.0, done, self._info(valid)
+
+    def expert_actions(self, task: str) -> list[str]:
+        """The oracle: walk to the key (rows first), take it, walk to the door, open it."""
+        pos, key, door = self._layouts[task]
+        actions: list[str] = []
+        for target, finish in ((key, "take key"), (door, "open door")):
+            dr, dc = target[0] - pos[0], target[1] - pos[1]
+            actions += ["go south" if dr > 0 else "go north"] * abs(dr)
+            actions += ["go east" if dc > 0 else "go west"] * abs(dc)
+            actions.append(finish)
+            pos = target
+        return actions
+
+    def close(self) -> None:
+        pass

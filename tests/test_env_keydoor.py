@@ -1,0 +1,88 @@
+import random
+
+import pytest
+
+from envs import EnvError, check_env, make_env, registered_names
+from envs.keydoor import ACTIONS, parse_action
+
+
+@pytest.fixture
+def env():
+    return make_env("keydoor", size=3, num_train_tasks=40, num_dev_tasks=5, num_test_tasks=20)
+
+
+def test_check_env_all_splits(env):
+    for split in ("train", "dev", "test"):
+        check_env(env, split, max_tasks=len(env.tasks(split)))
+
+
+def test_splits_do_not_share_layouts(env):
+    layouts = {s: {env._layouts[t] for t in env.tasks(s)} for s in ("train", "dev", "test")}
+    assert not layouts["train"] & layouts["test"]
+    assert not layouts["train"] & layouts["dev"]
+    assert len(layouts["train"]) == 40
+
+
+def test_progress_only_from_key_and_door(env):
+    env.reset("train-3")
+    prev = 0.0
+    for action in env.expert_actions("train-3"):
+        _, reward, done, info = env.step(action)
+        increment = info["progress"] - prev
+        prev = info["progress"]
+        assert increment == (0.5 if action in ("take key", "open door") else 0.0)
+    assert done and info["won"] and reward == 1.0 and info["score"] == 1.0
+
+
+def test_random_actions_mostly_lose(env):
+    rng = random.Random(0)
+    wins = 0
+    for task in env.tasks("train"):
+        env.reset(task)
+        done = False
+        while not done:
+            _, _, done, info = env.step(rng.choice(ACTIONS))
+        wins += info["won"]
+    assert wins / len(env.tasks("train")) < 0.2
+
+
+def test_invalid_actions_are_reported_not_raised(env):
+    obs, _ = env.reset("train-0")  # key 2 steps east, door 2 steps north
+    obs, _, done, info = env.step("open door")
+    assert not info["valid"] and not done and obs.startswith("Nothing happens: you do not hold the key.")
+    obs, _, _, info = env.step("dance wildly")
+    assert not info["valid"] and "not a valid action" in obs
+    obs, _, _, info = env.step("go south")
+    obs, _, _, info = env.step("go south")
+    obs, _, _, info = env.step("go south")
+    assert not info["valid"] and "wall to the south" in obs
+
+
+def test_episode_ends_at_max_steps():
+    env = make_env("keydoor", size=2, max_steps=3, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
+    env.reset("train-0")
+    dones = [env.step("take nothing")[2] for _ in range(3)]
+    assert dones == [False, False, True]
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("go north", "go north"), ("Action: Take Key.", "take key"), ("\n  open   door!\nmore", "open door"),
+    ("", None), ("I think I should", None), ("north", None),
+])
+def test_parse_action(reply, expected):
+    assert parse_action(reply) == expected
+
+
+def test_bad_options_fail_early():
+    with pytest.raises(EnvError, match="size"):
+        make_env("keydoor", size=1)
+    with pytest.raises(EnvError, match="layouts"):
+        make_env("keydoor", size=2, num_train_tasks=100)
+    with pytest.raises(EnvError, match="not a registered environment"):
+        make_env("nope")
+    assert "keydoor" in registered_names()
+
+
+def test_user_env_by_module_path():
+    env = make_env("envs.keydoor:KeyDoorEnv", size=2, num_train_tasks=3, num_dev_tasks=0, num_test_tasks=1)
+    assert env.tasks("test") == ["test-0"]
