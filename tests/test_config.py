@@ -1,0 +1,68 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from rl.config import ConfigError, build, load_config, parse_overrides
+from rl.models import ModelConfig
+
+
+@dataclass
+class Inner:
+    lr: float = 1e-3
+    algo: Literal["ppo", "grpo"] = "ppo"
+    layers: list[int] = field(default_factory=lambda: [1, 2])
+
+    def validate(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr}: must be > 0")
+
+
+@dataclass
+class Outer:
+    name: str = "x"
+    seed: int = 0
+    debug: bool = False
+    inner: Inner = field(default_factory=Inner)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    options: dict = field(default_factory=dict)
+
+
+def test_yaml_and_overrides(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: run\ninner:\n  lr: 1e-4\n  algo: grpo\noptions: {size: 3}\n")
+    cfg = load_config(Outer, p, ["inner.layers=[3]", "seed=7", "debug=true", "model.lora=true", "options.size=5"])
+    assert cfg.name == "run" and cfg.seed == 7 and cfg.debug is True
+    assert cfg.inner.lr == pytest.approx(1e-4) and cfg.inner.algo == "grpo" and cfg.inner.layers == [3]
+    assert cfg.model.lora is True and cfg.options == {"size": 5}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["inner.lr_rate=1"], "unknown key 'inner.lr_rate'; allowed keys under 'inner': lr, algo, layers"),
+    (["inner.lr=fast"], "inner.lr: expected a number, got 'fast'"),
+    (["inner.algo=dqn"], "inner.algo: 'dqn' is not allowed; choose one of ['ppo', 'grpo']"),
+    (["seed=1.5"], "seed: expected an integer, got 1.5"),
+    (["debug=maybe"], "debug: expected true or false, got 'maybe'"),
+    (["inner.lr=-1"], "inner: lr=-1.0: must be > 0"),
+    (["seed"], "override 'seed' must look like key.sub=value"),
+    (["nme=x"], "unknown key 'nme'; allowed keys: name, seed"),
+])
+def test_bad_input_names_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, None, overrides)
+    assert message in str(e.value)
+
+
+def test_missing_recipe_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+
+
+def test_override_values_parse_as_yaml():
+    assert parse_overrides(["a.b=[1, 2]", "c=true", "d=hello", "e="]) == [
+        ("a.b", [1, 2]), ("c", True), ("d", "hello"), ("e", "")]
+    assert build(Outer, {"inner": {"layers": 4}}).inner.layers == [4]
