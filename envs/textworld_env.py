@@ -311,7 +311,7 @@ class TextWorldEnv:
         self._steps += 1
         lost = False
         if valid or self.invalid_to_engine:
-            state, _, _ = self._env.step(self._admissible.get(command, command) or "look")
+            state, _, _ = self._env.step(self._admissible.get(command, command))
             self._absorb(state)
             lost = bool(state["lost"])
             feedback = state.feedback
