@@ -1,0 +1,367 @@
+"""Multi-turn PPO, GRPO and RLOO for language agents: one visible loop over `rl.algos`.
+
+Each iteration:
+  1. draw `tasks_per_iter` train tasks from (seed, iteration) and roll each out `group_size`
+     times with the current policy (`rollout_fn`, bound by the pipeline to an env + RolloutConfig);
+  2. tokenize every trajectory as ONE chat sequence (`rl.trajectory.tokenize_trajectory`), the
+     policy's tokens marked by `action_mask`, step k ending at `step_ends[k]`;
+  3. per-step rewards from `credit_fn` (terminal, SPA progress, ...), placed at `step_ends`;
+  4. old log-probs, values (critic) and reference log-probs, computed once, sharded over processes
+     and gathered, so every process holds the same batch;
+  5. advantages by name from `algos.ADVANTAGE_ESTIMATORS` (GAE over action tokens, GAE over turns,
+     group-normalised or leave-one-out returns);
+  6. `ppo_epochs` passes of shuffled minibatches (each process takes its slice, split into
+     `grad_accum_steps` micro-batches), clipped surrogate + clipped value loss - entropy bonus
+     + KL to the reference, then clip the gradient norm and step;
+  7. log, evaluate every `eval_every`, checkpoint every `save_every` (and at the end).
+
+Departures from the papers (PPO: Schulman et al. 2017; GRPO: Shao et al. 2024; RLOO: Ahmadian
+et al. 2024):
+- one trajectory = one sequence: observation tokens are in the context but get no loss, no
+  advantage and no discount (GAE skips them, as verl's multi-turn GAE);
+- the KL to the reference is a loss term (GRPO-style, k1 or k3 per token) for every algorithm,
+  not a per-token reward penalty;
+- losses are a token mean over the whole minibatch (across micro-batches and processes), not a
+  per-sequence mean, so long trajectories weigh by their length;
+- a trajectory cut by `max_length` keeps its whole steps only; the rewards of the dropped steps
+  are added to the last kept step (the return is unchanged when gamma = 1);
+- the learning rate is constant; advantages are whitened only for the critic-based estimators
+  (GRPO/RLOO are already normalised per group).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from rl import algos
+from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.trajectory import Trajectory, tokenize_trajectory
+
+log = logging.getLogger(__name__)
+
+RolloutFn = Callable[[nn.Module, list, int], list]  # (model, tasks, seed) -> list[Trajectory]
+CreditFn = Callable[[list], list]  # trajectories -> per-step rewards, one list per trajectory
+EvalFn = Callable[[nn.Module], dict]  # policy -> {"success": ..., ...}
+
+_ESTIMATOR = {  # (algo, advantage_level) -> name in algos.ADVANTAGE_ESTIMATORS
+    ("ppo", "token"): "gae", ("ppo", "turn"): "gae_turn",
+    ("grpo", "token"): "grpo", ("grpo", "turn"): "grpo_step",
+    ("rloo", "token"): "rloo", ("rloo", "turn"): "rloo",
+}
+
+
+@dataclass
+class PPOConfig:
+    algo: str = "ppo"  # "ppo" (critic + GAE) | "grpo" (group-normalised) | "rloo" (leave-one-out)
+    iterations: int = 10  # rollout+update iterations
+    tasks_per_iter: int = 8  # distinct train tasks per iteration
+    group_size: int = 4  # rollouts per task (GRPO/RLOO groups; PPO just gets more data)
+    ppo_epochs: int = 2  # passes over each iteration's batch
+    minibatch_size: int = 8  # trajectories per optimizer step, over all processes
+    grad_accum_steps: int = 1  # micro-batches per optimizer step on each process
+    lr: float = 1e-5  # AdamW learning rate (constant)
+    weight_decay: float = 0.0  # AdamW weight decay
+    clip_eps: float = 0.2  # PPO ratio clip
+    vf_clip: float = 0.2  # value clip around the old value (<= 0: no clipping)
+    vf_coef: float = 0.5  # weight of the value loss
+    ent_coef: float = 0.0  # weight of the entropy bonus
+    kl_coef: float = 0.0  # weight of the KL-to-reference loss (0: no reference pass at all)
+    kl_estimator: str = "k3"  # "k1" | "k3"
+    gamma: float = 1.0  # discount, per action token ("token") or per turn ("turn")
+    lam: float = 0.95  # GAE lambda
+    advantage_level: str = "token"  # "token": GAE over action tokens; "turn": one advantage per step
+    whiten_advantages: bool = True  # normalise GAE advantages over the batch's action tokens
+    critic: str = "shared"  # "shared": value head on the policy's last hidden state; "separate": own backbone
+    max_length: int = 2048  # tokens per trajectory sequence (whole steps past it are dropped)
+    max_grad_norm: float = 1.0  # gradient norm clip
+    eval_every: int = 5  # evaluate every N iterations (0: only at the end)
+    eval_at_start: bool = True  # evaluate the initial policy before training (not on resume)
+    save_every: int = 5  # checkpoint every N iterations (and always at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    seed: int = 0  # fixes task order, sampling seeds and minibatch order per iteration
+
+    def __post_init__(self):
+        allowed = {"algo": ("ppo", "grpo", "rloo"), "advantage_level": ("token", "turn"),
+                   "critic": ("shared", "separate"), "kl_estimator": tuple(algos.KL_ESTIMATORS)}
+        for key, values in allowed.items():
+            if getattr(self, key) not in values:
+                raise ValueError(f"rl.{key}={getattr(self, key)!r}: allowed {list(values)}")
+        for key in ("iterations", "tasks_per_iter", "group_size", "ppo_epochs", "minibatch_size", "grad_accum_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rl.{key}={getattr(self, key)}: must be >= 1")
+
+    @property
+    def estimator(self) -> str:
+        return _ESTIMATOR[(self.algo, self.advantage_level)]
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.estimator not in algos.CRITIC_FREE
+
+
+class PolicyWithValue(nn.Module):
+    """The policy plus, for PPO, a critic: a Linear value head on the last hidden state of the
+    policy itself ("shared") or of its own copy of the backbone ("separate").
+
+    forward(input_ids, attention_mask) -> (logits (B, T, V), values (B, T) or None) with values
+    aligned like log-probs: values[:, t] = V(tokens < t), read from hidden state t-1.
+    """
+
+    def __init__(self, policy: nn.Module, critic: str | None):
+        super().__init__()
+        self.policy = policy
+        self.critic_backbone = copy.deepcopy(policy) if critic == "separate" else None
+        if critic:
+            hidden = policy.config.hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+
+    def forward(self, input_ids, attention_mask):
+        want_hidden = self.value_head is not None and self.critic_backbone is None
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden)
+        if self.value_head is None:
+            return out.logits, None
+        if self.critic_backbone is not None:
+            hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                          output_hidden_states=True).hidden_states[-1]
+        else:
+            hidden = out.hidden_states[-1]
+        v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return out.logits, nn.functional.pad(v[:, :-1], (1, 0))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (N, T) right-padded with the pad token
+    attention_mask: torch.Tensor  # (N, T) 1 on real tokens
+    action_mask: torch.Tensor  # (N, T) 1 on policy-generated tokens
+    step_ends: torch.Tensor  # (N, S) last action token of each step, -1 padding
+    step_rewards: torch.Tensor  # (N, S) credit per kept step, 0 padding
+    group_ids: torch.Tensor  # (N,) integer task group
+
+
+def build_batch(tokenizer, trajs: Sequence[Trajectory], rewards: Sequence[Sequence[float]], max_length: int) -> Batch:
+    """Tokenize trajectories into one padded batch; rewards of steps cut by max_length are added
+    to the last kept step."""
+    if len(rewards) != len(trajs):
+        raise ValueError(f"credit_fn returned {len(rewards)} reward lists for {len(trajs)} trajectories")
+    views, kept_rewards = [], []
+    for traj, r in zip(trajs, rewards):
+        if len(r) != traj.num_steps:
+            raise ValueError(f"credit_fn gave {len(r)} rewards for trajectory {traj.traj_id} with {traj.num_steps} steps")
+        view = tokenize_trajectory(tokenizer, traj, max_length)
+        k = view.num_steps
+        kr = [float(x) for x in r[:k]]
+        if 0 < k < len(r):
+            kr[-1] += float(sum(r[k:]))
+        views.append(view)
+        kept_rewards.append(kr)
+    T = max(max(len(v.input_ids) for v in views), 2)
+    N = len(views)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((N, T), pad, dtype=torch.long)
+    attn = torch.zeros(N, T, dtype=torch.long)
+    amask = torch.zeros(N, T, dtype=torch.long)
+    for i, v in enumerate(views):
+        n = len(v.input_ids)
+        ids[i, :n] = torch.tensor(v.input_ids, dtype=torch.long)
+        attn[i, :n] = 1
+        amask[i, :n] = torch.tensor(v.action_mask, dtype=torch.long)
+    ends = algos.pad_step_ends([v.step_ends for v in views])
+    return Batch(ids, attn, amask, ends, algos.pad_step_values(kept_rewards, ends.shape[1]),
+                 torch.tensor([t.group_id for t in trajs], dtype=torch.long))
+
+
+def draw_tasks(train_tasks: Sequence[str], n: int, seed: int, iteration: int) -> list[str]:
+    """The iteration's tasks: a function of (seed, iteration) only, so a resumed run sees the
+    same data order. Without replacement when there are enough tasks."""
+    rng = random.Random(f"{seed}-{iteration}")
+    pool = list(train_tasks)
+    return rng.sample(pool, n) if n <= len(pool) else [rng.choice(pool) for _ in range(n)]
+
+
+def _iter_seed(seed: int, iteration: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + iteration * 7919 + salt) % (2**31 - 1)
+
+
+@torch.no_grad()
+def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool):
+    """Old log-probs, values and reference log-probs for the whole batch: each process scores
+    its contiguous shard in chunks, then all shards are gathered in order. -> 3 x (N, T)."""
+    n, rank, world = batch.input_ids.shape[0], accelerator.process_index, accelerator.num_processes
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    dev = accelerator.device
+    unwrapped = accelerator.unwrap_model(model)  # forward through `model` (ZeRO-3 needs the wrapper)
+    outs = {"logp": [], "values": [], "ref": []}
+    for s in range(lo, hi, chunk):
+        ids = batch.input_ids[s:min(s + chunk, hi)].to(dev)
+        attn = batch.attention_mask[s:min(s + chunk, hi)].to(dev)
+        with accelerator.autocast():
+            logits, values = model(ids, attn)
+            outs["logp"].append(algos.token_logprobs(logits, ids))
+            outs["values"].append(values if want_values else torch.zeros(ids.shape, device=dev))
+            if want_ref:
+                if ref_policy is None:  # LoRA: the base model is the policy with its adapter off
+                    with unwrapped.policy.disable_adapter():
+                        ref_logits, _ = model(ids, attn)
+                else:
+                    ref_logits = ref_policy(input_ids=ids, attention_mask=attn).logits
+                outs["ref"].append(algos.token_logprobs(ref_logits, ids))
+            else:
+                outs["ref"].append(torch.zeros(ids.shape, device=dev))
+    return [accelerator.gather(torch.cat(outs[k]).float().contiguous()).cpu() for k in ("logp", "values", "ref")]
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn: CreditFn, eval_fn: EvalFn | None,
+             run_dir, accelerator, tracker, resume: bool = False, ref_model=None, *,
+             tasks: Sequence[str]) -> nn.Module:
+    """Train `policy` with PPO/GRPO/RLOO on the train `tasks`; returns the (unwrapped) policy.
+
+    The reference for the KL term is, when kl_coef > 0: the policy with its LoRA adapter disabled
+    (peft models: no second copy), else `ref_model`, else a frozen deep copy of the initial policy.
+    """
+    run_dir = Path(run_dir)
+    world, gas = accelerator.num_processes, cfg.grad_accum_steps
+    n_batch = cfg.tasks_per_iter * cfg.group_size
+    if cfg.minibatch_size % (world * gas):
+        raise ValueError(f"rl.minibatch_size={cfg.minibatch_size} must be divisible by processes x "
+                         f"grad_accum_steps = {world} x {gas}")
+    if n_batch % cfg.minibatch_size:
+        raise ValueError(f"rl.tasks_per_iter x rl.group_size = {n_batch} must be divisible by "
+                         f"rl.minibatch_size={cfg.minibatch_size}")
+    if not tasks:
+        raise ValueError("train_rl: the list of train tasks is empty")
+    micro = cfg.minibatch_size // (world * gas)
+    est_fn = algos.ADVANTAGE_ESTIMATORS[cfg.estimator]
+    kl_fn = algos.KL_ESTIMATORS[cfg.kl_estimator]
+
+    ref_policy = None
+    if cfg.kl_coef > 0 and not _is_peft(policy):
+        ref_policy = ref_model if ref_model is not None else copy.deepcopy(policy)
+        ref_policy.requires_grad_(False).eval().to(accelerator.device)
+    model = PolicyWithValue(policy, cfg.critic if cfg.uses_critic else None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    accelerator.gradient_accumulation_steps = gas
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    ckpt_root = run_dir / "checkpoints"
+    start = 0
+    if resume and (path := latest_checkpoint(ckpt_root)) is not None:
+        start = int(load_checkpoint(accelerator, path)["iteration"])
+        log.info("resumed from %s at iteration %d", path, start)
+    if eval_fn is not None and cfg.eval_at_start and start == 0:
+        tracker.log(eval_fn(accelerator.unwrap_model(model).policy), stage="eval", step=0)
+
+    for it in range(start, cfg.iterations):
+        # 1-3: rollout, tokenize, credit
+        t0 = time.perf_counter()
+        model.eval()
+        batch_tasks = draw_tasks(tasks, cfg.tasks_per_iter, cfg.seed, it)
+        trajs = rollout_fn(accelerator.unwrap_model(model).policy, batch_tasks, _iter_seed(cfg.seed, it))
+        if len(trajs) != n_batch:
+            raise RuntimeError(f"rollout_fn returned {len(trajs)} trajectories, expected {n_batch}")
+        rollout_time = time.perf_counter() - t0
+        batch = build_batch(tokenizer, trajs, credit_fn(trajs), cfg.max_length)
+
+        # 4-5: old log-probs / values / reference, advantages
+        t1 = time.perf_counter()
+        old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
+                                                cfg.uses_critic, cfg.kl_coef > 0)
+        mask = batch.action_mask
+        adv, returns = est_fn(batch.step_rewards, old_values, mask, batch.step_ends, batch.group_ids,
+                              cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages and cfg.uses_critic:
+            adv = algos.masked_whiten(adv, mask)
+
+        score_time = time.perf_counter() - t1
+
+        # 6: minibatch updates (train mode: gradient checkpointing needs it; keep dropout at 0)
+        t2 = time.perf_counter()
+        model.train()
+        sums = torch.zeros(8, device=accelerator.device)  # token-weighted stat sums, see names below
+        grad_norms = []
+        for epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(n_batch, generator=torch.Generator().manual_seed(_iter_seed(cfg.seed, it, 1 + epoch)))
+            for mb_start in range(0, n_batch, cfg.minibatch_size):
+                mb = perm[mb_start:mb_start + cfg.minibatch_size]
+                mine = mb[accelerator.process_index * micro * gas:(accelerator.process_index + 1) * micro * gas]
+                # accelerate divides each loss by gas and DDP averages over processes: scale the
+                # token-sum normaliser back so the step's gradient is the minibatch token mean
+                norm = float(mask[mb].sum().clamp(min=1)) / (world * gas)
+                for k in range(gas):
+                    idx = mine[k * micro:(k + 1) * micro]
+                    length = max(int(batch.attention_mask[idx].sum(1).max()), 2)
+                    take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
+                    ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
+                    with accelerator.accumulate(model):
+                        logits, values = model(ids, attn)
+                        logp = algos.token_logprobs(logits, ids)
+                        pl, clip_frac, approx_kl = algos.ppo_policy_loss(logp, take(old_logp), take(adv), m,
+                                                                         cfg.clip_eps, norm)
+                        ent = nn.functional.pad(algos.entropy_from_logits(logits[:, :-1]), (1, 0))
+                        loss = pl - cfg.ent_coef * algos.token_mean(ent, m, norm)
+                        vl = torch.zeros((), device=ids.device)
+                        if values is not None:
+                            vl, _ = algos.value_loss(values, take(old_values), take(returns), m, cfg.vf_clip, norm)
+                            loss = loss + cfg.vf_coef * vl
+                        kl = torch.zeros((), device=ids.device)
+                        if cfg.kl_coef > 0:
+                            kl = algos.token_mean(kl_fn(logp, take(ref_logp)), m, norm)
+                            loss = loss + cfg.kl_coef * kl
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients:
+                            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
+                        optimizer.step()
+                        optimizer.zero_grad()
+                    ntok = m.sum().float()
+                    # pl, vl, kl are shares of the minibatch mean: scale back to token sums
+                    sums += torch.stack([pl.detach() * norm, vl.detach() * norm, kl.detach() * norm,
+                                         (ent * m).sum().detach(), clip_frac * ntok, approx_kl * ntok, ntok,
+                                         attn.sum().float()])
+        update_time = time.perf_counter() - t2
+        s = accelerator.reduce(sums, reduction="sum").cpu().tolist()
+        ntok = max(s[6], 1.0)
+
+        # 7: log, eval, checkpoint
+        ret = batch.step_rewards.sum(1)
+        metrics = {
+            "reward": ret.mean().item(), "outcome": sum(t.outcome for t in trajs) / n_batch,
+            "success": sum(bool(t.success) for t in trajs) / n_batch,
+            "failed_episodes": sum(t.failed is not None for t in trajs),
+            "steps": sum(t.num_steps for t in trajs) / n_batch,
+            "policy_loss": s[0] / ntok, "value_loss": s[1] / ntok, "kl_loss": s[2] / ntok,
+            "entropy": s[3] / ntok, "clip_frac": s[4] / ntok, "approx_kl": s[5] / ntok,
+            "kl_ref": algos.masked_mean(kl_fn(old_logp, ref_logp), mask).item() if cfg.kl_coef > 0 else 0.0,
+            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+            "action_tokens": int(mask.sum()), "tokens_per_s": s[7] / max(update_time, 1e-9),
+            "rollout_time": rollout_time, "score_time": score_time, "update_time": update_time,
+        }
+        if cfg.uses_critic:
+            metrics["explained_var"] = algos.explained_variance(old_values, returns, mask)
+            metrics["value_mean"] = algos.masked_mean(old_values, mask).item()
+        tracker.log(metrics, stage="rl", step=it + 1)
+        last = it + 1 == cfg.iterations
+        if eval_fn is not None and (last or (cfg.eval_every and (it + 1) % cfg.eval_every == 0)):
+            model.eval()
+            tracker.log(eval_fn(accelerator.unwrap_model(model).policy), stage="eval", step=it + 1)
+        if last or (cfg.save_every and (it + 1) % cfg.save_every == 0):
+            save_checkpoint(accelerator, ckpt_root, it + 1, {"iteration": it + 1, "config": asdict(cfg)},
+                            keep=cfg.keep_checkpoints)
+    return accelerator.unwrap_model(model).policy

@@ -1,0 +1,227 @@
+"""Multi-turn PPO/GRPO/RLOO trainer on a toy two-turn task, tracking and checkpoints."""
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).parent))
+import toy_letters as toy  # noqa: E402
+
+from rl import algos  # noqa: E402
+from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from rl.models import load_tokenizer, tiny_model  # noqa: E402
+from rl.tracking import Tracker, read_metrics  # noqa: E402
+from rl.trainers import ppo  # noqa: E402
+from rl.trainers.ppo import PPOConfig, build_batch, train_rl  # noqa: E402
+from rl.trajectory import Step, Trajectory  # noqa: E402
+
+TASKS = [f"train-{i}" for i in range(16)]
+TIMING = {"tokens_per_s", "rollout_time", "score_time", "update_time"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: threads only contend on a shared CPU (10x slower under load)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(scope="module")
+def warm_model(tok):
+    model = tiny_model(tok, seed=0)
+    toy.warm_start(model, tok, steps=40, lr=1e-2)
+    return model
+
+
+def run(cfg, model, tok, run_dir, credit=toy.step_rewards_correct, resume=False, eval_n=32, ref_model=None):
+    acc = Accelerator(cpu=True)
+    tracker = Tracker(run_dir, acc)
+    try:
+        out = train_rl(cfg, model, tok, toy.make_rollout_fn(tok, cfg.group_size), credit,
+                       toy.make_eval_fn(tok, n=eval_n), run_dir, acc, tracker, resume=resume,
+                       ref_model=ref_model, tasks=TASKS)
+    finally:
+        tracker.close()
+    return out, read_metrics(run_dir)
+
+
+def small_cfg(**kw):
+    base = dict(iterations=8, tasks_per_iter=4, group_size=4, ppo_epochs=2, minibatch_size=8, lr=2e-3,
+                eval_every=8, save_every=100, gamma=1.0, lam=1.0)
+    return PPOConfig(**{**base, **kw})
+
+
+def test_ppo_improves_success_on_toy_multiturn_task(warm_model, tok, tmp_path):
+    _, rows = run(small_cfg(), copy.deepcopy(warm_model), tok, tmp_path)
+    evals = [r for r in rows if r["stage"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 8]
+    assert evals[0]["success"] <= 0.3  # ~1/16 for a uniform policy over 4 letters, 2 turns
+    assert evals[-1]["success"] >= evals[0]["success"] + 0.3
+    rl_rows = [r for r in rows if r["stage"] == "rl"]
+    assert len(rl_rows) == 8 and all(r["failed_episodes"] == 0 for r in rl_rows)
+    for key in ("reward", "success", "outcome", "entropy", "clip_frac", "value_loss", "explained_var",
+                "tokens_per_s", "rollout_time", "update_time", "kl_ref", "approx_kl", "grad_norm"):
+        assert key in rl_rows[0], key
+    assert rl_rows[-1]["entropy"] < rl_rows[0]["entropy"]
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_8"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo,level", [("grpo", "token"), ("rloo", "token"), ("ppo", "turn"), ("grpo", "turn")])
+def test_critic_free_and_turn_level_variants_improve(warm_model, tok, tmp_path, algo, level):
+    credit = toy.terminal_rewards if level == "token" and algo != "ppo" else toy.step_rewards_correct
+    _, rows = run(small_cfg(algo=algo, advantage_level=level, kl_coef=0.01), copy.deepcopy(warm_model),
+                  tok, tmp_path, credit=credit)
+    evals = [r for r in rows if r["stage"] == "eval"]
+    assert evals[-1]["success"] >= evals[0]["success"] + 0.3, (algo, level, evals)
+
+
+def test_resume_reproduces_uninterrupted_metrics(warm_model, tok, tmp_path):
+    cfg = small_cfg(iterations=3, save_every=1, eval_every=0, eval_at_start=False)
+    _, full = run(cfg, copy.deepcopy(warm_model), tok, tmp_path / "full", eval_n=8)
+    _, first = run(small_cfg(iterations=2, save_every=1, eval_every=0, eval_at_start=False),
+                   copy.deepcopy(warm_model), tok, tmp_path / "cut", eval_n=8)
+    # a different starting model: everything must come from the checkpoint
+    _, resumed = run(cfg, tiny_model(tok, seed=5), tok, tmp_path / "cut", resume=True, eval_n=8)
+    rl_full = [r for r in full if r["stage"] == "rl"]
+    rl_resumed = [r for r in resumed if r["stage"] == "rl"]
+    assert [r["step"] for r in rl_resumed] == [1, 2, 3]  # the appended metrics.jsonl continues
+    for a, b in zip(rl_full, rl_resumed):
+        for key in a:
+            if key not in TIMING:
+                assert a[key] == pytest.approx(b[key], abs=1e-6, nan_ok=True), (a["step"], key)
+    assert len(first) == 2 + 1  # two rl rows + final eval
+
+
+def test_lora_reference_is_the_base_model_without_a_copy(tok, tmp_path, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(tok, seed=1)
+    base_copy = copy.deepcopy(base)  # the test's own reference, made before the trainer runs
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():  # make the policy differ from the base (LoRA B starts at zero)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    n_params = sum(p.numel() for p in policy.parameters())
+
+    acc = Accelerator(cpu=True)
+    wrapped = acc.prepare(ppo.PolicyWithValue(policy, None))
+    traj = Trajectory(0, "t", [Step("Pick a letter.", "A", True), Step("Pick a letter.", "B", True)], 0.5,
+                      False, system_prompt="Reply with one letter.")
+    batch = build_batch(tok, [traj, traj], [[0.0, 1.0], [0.0, 1.0]], 512)
+    logp, _, ref = ppo._score(acc, wrapped, None, batch, 1, want_values=False, want_ref=True)
+    with torch.no_grad():
+        expected = algos.token_logprobs(base_copy(input_ids=batch.input_ids).logits, batch.input_ids)
+    m = batch.action_mask.bool()
+    assert torch.allclose(ref[m], expected[m], atol=1e-5)
+    assert not torch.allclose(logp[m], expected[m], atol=1e-3)  # the adapter is back on afterwards
+
+    real_deepcopy = copy.deepcopy
+
+    def no_copy(obj, *a, **k):
+        if isinstance(obj, torch.nn.Module):
+            raise AssertionError("the trainer copied the model")
+        return real_deepcopy(obj, *a, **k)
+
+    monkeypatch.setattr(ppo.copy, "deepcopy", no_copy)
+    _, rows = run(small_cfg(algo="grpo", iterations=1, kl_coef=0.1), policy, tok, tmp_path, eval_n=4)
+    assert sum(p.numel() for p in policy.parameters()) == n_params
+    assert rows[1]["kl_ref"] > 0  # a real reference: the adapter moved the policy away from it
+
+
+def test_full_finetune_reference_is_a_frozen_copy(warm_model, tok, tmp_path):
+    ref = copy.deepcopy(warm_model)
+    before = [p.clone() for p in ref.parameters()]
+    policy, rows = run(small_cfg(algo="grpo", iterations=2, kl_coef=0.05), copy.deepcopy(warm_model), tok,
+                       tmp_path, eval_n=4, ref_model=ref)
+    assert all(torch.equal(a, b) for a, b in zip(before, ref.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters()))
+    assert [r for r in rows if r["stage"] == "rl"][-1]["kl_ref"] > 0
+
+
+def test_build_batch_truncation_keeps_whole_steps_and_folds_rewards(tok):
+    steps = [Step("Pick a letter.", a, True) for a in "ABC"]
+    traj = Trajectory(0, "t", steps, 1.0, True, system_prompt="Reply with one letter.")
+    full = build_batch(tok, [traj], [[0.1, 0.2, 0.7]], 4096)
+    cut_len = int(full.step_ends[0, 1]) + 1  # room for two steps
+    cut = build_batch(tok, [traj], [[0.1, 0.2, 0.7]], cut_len)
+    assert cut.step_ends[0].tolist() == full.step_ends[0, :2].tolist()
+    assert cut.step_rewards[0].tolist() == pytest.approx([0.1, 0.9])
+    assert cut.input_ids.shape[1] == cut_len
+    with pytest.raises(ValueError, match="2 rewards for trajectory 0 with 3 steps"):
+        build_batch(tok, [traj], [[0.1, 0.2]], 4096)
+
+
+def test_config_rejects_bad_values_naming_the_key():
+    with pytest.raises(ValueError, match="rl.algo='ppo2'"):
+        PPOConfig(algo="ppo2")
+    with pytest.raises(ValueError, match="rl.critic"):
+        PPOConfig(critic="huge")
+    with pytest.raises(ValueError, match="rl.ppo_epochs=0"):
+        PPOConfig(ppo_epochs=0)
+    assert PPOConfig(algo="grpo", advantage_level="turn").estimator == "grpo_step"
+    assert not PPOConfig(algo="rloo").uses_critic
+
+
+def test_train_rl_rejects_indivisible_minibatch(tok, tmp_path):
+    acc = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match="minibatch_size=8 must be divisible by processes x grad_accum_steps"):
+        train_rl(small_cfg(grad_accum_steps=3), tiny_model(tok), tok, None, None, None, tmp_path, acc, None,
+                 tasks=TASKS)
+    with pytest.raises(ValueError, match="must be divisible by rl.minibatch_size=5"):
+        train_rl(small_cfg(minibatch_size=5), tiny_model(tok), tok, None, None, None, tmp_path, acc, None,
+                 tasks=TASKS)
+
+
+def test_draw_tasks_depends_only_on_seed_and_iteration():
+    a = ppo.draw_tasks(TASKS, 4, seed=3, iteration=7)
+    assert a == ppo.draw_tasks(TASKS, 4, seed=3, iteration=7)
+    assert len(set(a)) == 4 and a != ppo.draw_tasks(TASKS, 4, seed=3, iteration=8)
+
+
+def test_tracker_writes_jsonl_and_wandb_goes_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    acc = Accelerator(cpu=True)
+    tr = Tracker(tmp_path, acc, backends=["wandb"])
+    assert os.environ["WANDB_MODE"] == "offline"
+    tr.log({"reward": 0.5, "x": torch.tensor(2.0), "nan": float("nan")}, stage="rl", step=3)
+    # flushed per line: readable before close
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"stage": "rl", "step": 3, "reward": 0.5,
+                                                                     "x": 2.0, "nan": None}
+    tr.close()
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    acc = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    root = tmp_path / "ckpt"
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        save_checkpoint(acc, root, step, {"iteration": step}, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_2", "step_3"]
+    (root / "step_9.tmp").mkdir()  # a half-written checkpoint is never picked
+    (root / "step_7").mkdir()  # neither is one without its extra state
+    assert latest_checkpoint(root).name == "step_3"
+    with torch.no_grad():
+        model.weight.zero_()
+    assert load_checkpoint(acc, root / "step_2") == {"iteration": 2}
+    assert torch.all(model.weight == 2.0)
+    assert latest_checkpoint(tmp_path / "none") is None
