@@ -34,7 +34,7 @@ DEFAULT_TASKS = ("find-living-thing", "find-non-living-thing", "find-plant", "fi
 # "reset task" is left out on purpose so a policy cannot restart its own episode.
 VERBS = ("activate", "close", "connect", "deactivate", "disconnect", "dunk", "eat", "flush",
          "focus on", "go", "inventory", "look around", "look at", "look in", "mix", "move", "open",
-         "pick up", "pour", "put down", "read", "task", "teleport", "use", "wait")
+         "pick up", "pour", "put down", "read", "task", "teleport", "use", "wait1", "wait")
 _VERB_RE = re.compile(r"^(" + "|".join(re.escape(v) for v in VERBS) + r")\b")
 _PARSE_FAILURES = ("No known action matches that input.", "Unknown action.")
 _AMBIGUOUS = "Ambiguous request"

@@ -11,7 +11,7 @@ def test_parse_action():
     assert parse_action("\n  `go to kitchen`  ") == "go to kitchen"
     assert parse_action("> open door to greenhouse") == "open door to greenhouse"
     assert parse_action("move flower pot 8 to red box") == "move flower pot 8 to red box"
-    assert parse_action("wait1") is None  # "wait" must be a whole word
+    assert parse_action("wait1") == "wait1" and parse_action("waiting") is None  # whole words only
     assert parse_action("wait") == "wait"
     assert parse_action("reset task") is None
     assert parse_action("I think we should go") is None
