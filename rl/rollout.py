@@ -1,0 +1,445 @@
+"""Rollout engine: N envs stepped in lockstep, one batched generation call per turn.
+
+Episodes are (task, repeat) pairs in a queue. `cfg.num_envs` slots each hold one env; every turn
+the engine generates the replies of all active slots in ONE call, parses them, steps the envs
+(each call in a worker thread with a timeout) and refills finished slots from the queue.
+
+Cost per turn is linear in the new text, not in the whole history:
+- Prompt token ids are kept per slot and extended by the new segment only (the action
+  re-tokenised as the trajectory view stores it, then the observation and generation prompt).
+  The ids equal `encode_conversation(..., add_generation_prompt=True)` (tested); a template that
+  does not render a conversation's prefix as a prefix falls back to the full encoding.
+- HF backend with `reuse_cache=True`: the KV cache of last turn's prompts is kept and only the
+  new tokens are fed, left-padded, so the attention mask has holes; positions come from the
+  mask's cumulative sum, so every token sees the same positions and keys as in a fresh prefill.
+  The generated tokens' KV is cropped (the next prompt holds the re-tokenised action, exactly
+  what the trainer scores). Rows are selected as episodes end; the cache is rebuilt when it
+  would exceed twice the longest prompt (holes pile up when slots restart). Greedy outputs equal
+  the no-reuse path (tested).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from rl.trajectory import Step, Trajectory, build_messages, encode_conversation
+
+INVALID_REPLY = "Your reply is not a valid action. "  # prefixed to the repeated observation
+
+
+@dataclass
+class RolloutConfig:
+    max_turns: int = 10  # replies per episode (valid or not) before it is cut (truncated)
+    max_new_tokens: int = 32  # generation budget per reply
+    temperature: float = 1.0  # sampling temperature (0 or greedy=True: argmax)
+    top_p: float = 1.0  # nucleus sampling mass (1: off)
+    top_k: int = 0  # top-k sampling (0: off)
+    stop_strings: list[str] = field(default_factory=list)  # a reply ends before the first of these
+    num_envs: int = 8  # envs stepped in lockstep = generation batch size
+    step_timeout_s: float = 30.0  # an env reset/step running longer fails the episode (<=0: none)
+    backend: str = "hf"  # "hf" (transformers generate) | "vllm" (CUDA + vllm installed)
+    max_prompt_tokens: int = 2048  # an episode whose prompt grows past this ends (truncated)
+    reuse_cache: bool = True  # HF: keep the KV cache across turns, feed only new tokens
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("hf", "vllm"):
+            raise ValueError(f"rollout.backend={self.backend!r}: choose 'hf' or 'vllm'")
+        for key in ("max_turns", "max_new_tokens", "num_envs", "max_prompt_tokens"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
+        if not 0.0 < self.top_p <= 1.0 or self.temperature < 0 or self.top_k < 0:
+            raise ValueError("rollout: need 0 < top_p <= 1, temperature >= 0, top_k >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation backends: generate(prompts, slots, seed) -> generated token ids per prompt.
+
+
+def _left_pad(rows: list[list[int]], pad_id: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    model_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(model_eos if isinstance(model_eos, list) else [model_eos])
+    return sorted(i for i in ids if i is not None)
+
+
+class HFBackend:
+    """`model.generate` on left-padded prompts, optionally reusing the KV cache across turns."""
+
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, greedy: bool):
+        import inspect
+
+        from transformers import GenerationConfig
+
+        self.model, self.tokenizer, self.reuse = model, tokenizer, cfg.reuse_cache
+        self.eos = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        sample = not greedy and cfg.temperature > 0
+        self.gen_cfg = GenerationConfig(
+            max_new_tokens=cfg.max_new_tokens, do_sample=sample, eos_token_id=self.eos,
+            pad_token_id=self.pad_id, stop_strings=list(cfg.stop_strings) or None,
+            **(dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k) if sample else {}),
+        )
+        # transformers 5 renamed generate's `past_key_values` to `cache` (peft wraps the base model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.prepare_inputs_for_generation).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache = None  # DynamicCache of the last call's prompts (rows = self.rows)
+        self.rows: list[int] = []  # slot held by each cache row
+        self.mask = None  # (R, Lc) attention mask of the cached positions (0 = hole/pad)
+        self.cached: dict[int, list[int]] = {}  # slot -> prompt ids whose KV is in its row
+        self.calls = 0  # generate calls made (one per turn)
+
+    def _inputs(self, prompts: list[list[int]], slots: list[int]):
+        """(input_ids, attention_mask, cache) for this call: incremental when the cache allows."""
+        import torch
+        from transformers import DynamicCache
+
+        if self.reuse and self.cache is not None and all(s in self.rows for s in slots):
+            news, restart = [], []
+            for s, p in zip(slots, prompts):
+                c = self.cached[s]
+                ok = len(c) < len(p) and p[: len(c)] == c
+                news.append(p[len(c):] if ok else p)
+                restart.append(not ok)
+            width = self.mask.shape[1] + max(len(n) for n in news)
+            if width <= 2 * max(len(p) for p in prompts):
+                idx = [self.rows.index(s) for s in slots]
+                if idx != list(range(len(self.rows))):
+                    self.cache.batch_select_indices(torch.tensor(idx, device=self.model.device))
+                old_mask = self.mask[idx].clone()
+                old_mask[torch.tensor(restart)] = 0  # a new episode in this slot: forget the row
+                new_ids, new_mask = _left_pad(news, self.pad_id)
+                old_ids = torch.full(old_mask.shape, self.pad_id, dtype=torch.long)
+                return torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), self.cache
+        ids, mask = _left_pad(prompts, self.pad_id)
+        return ids, mask, (DynamicCache() if self.reuse else None)
+
+    def generate(self, prompts: list[list[int]], slots: list[int], seed: int) -> list[list[int]]:
+        import torch
+
+        self.calls += 1
+        dev = self.model.device
+        with torch.no_grad():
+            ids, mask, cache = self._inputs(prompts, slots)
+            ids, mask = ids.to(dev), mask.to(dev)
+            kwargs = {self.cache_kw: cache} if cache is not None else {}
+            if self.gen_cfg.stop_strings:
+                kwargs["tokenizer"] = self.tokenizer
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = self.model.generate(input_ids=ids, attention_mask=mask,
+                                          generation_config=self.gen_cfg, **kwargs)
+            if cache is not None:
+                cache.crop(-(cache.get_seq_length() - ids.shape[1]))  # drop generated tokens' KV
+                self.cache, self.mask, self.rows = cache, mask, list(slots)
+                self.cached = {s: list(p) for s, p in zip(slots, prompts)}  # callers may mutate theirs
+        replies = []
+        for row in out[:, ids.shape[1]:].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos), None)
+            if cut is None:  # budget or stop string: drop the padding after a stopped row
+                cut = len(row)
+                while cut and row[cut - 1] == self.pad_id:
+                    cut -= 1
+            replies.append(row[:cut])
+        return replies
+
+
+_VLLM_ENGINES: dict[str, Any] = {}
+
+
+class VLLMBackend:
+    """vLLM with prefix caching (the shared conversation prefix of each turn is not recomputed).
+
+    vLLM loads weights from a path, so `model` must be a checkpoint directory or hub id (save
+    the policy with `rl.models.save_model` first); an in-memory model is refused rather than
+    silently rolled out with stale weights.
+    """
+
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, greedy: bool):
+        import torch
+
+        try:
+            import vllm
+        except ImportError as e:
+            raise RuntimeError("rollout.backend='vllm' needs vllm (pip install vllm); use backend='hf'") from e
+        if not torch.cuda.is_available():
+            raise RuntimeError("rollout.backend='vllm' needs a CUDA GPU; use backend='hf' on CPU")
+        if not isinstance(model, str):
+            raise ValueError("rollout.backend='vllm' takes a checkpoint path as `model` "
+                             "(save the policy with rl.models.save_model); got a model object")
+        if model not in _VLLM_ENGINES:
+            # leave GPU memory for the trainer's own copy of the policy
+            _VLLM_ENGINES[model] = vllm.LLM(model=model, enable_prefix_caching=True,
+                                            gpu_memory_utilization=0.4)
+        self.llm, self.sampling_params_cls = _VLLM_ENGINES[model], vllm.SamplingParams
+        self.eos = _eos_ids(None, tokenizer)
+        self.params = dict(
+            temperature=0.0 if greedy else cfg.temperature, top_p=1.0 if greedy else cfg.top_p,
+            top_k=cfg.top_k if cfg.top_k > 0 and not greedy else -1, max_tokens=cfg.max_new_tokens,
+            stop=list(cfg.stop_strings) or None, stop_token_ids=self.eos,
+        )
+        self.calls = 0
+
+    def generate(self, prompts: list[list[int]], slots: list[int], seed: int) -> list[list[int]]:
+        self.calls += 1
+        # one seed per row: equal prompts (a task's group) must not share a random stream
+        params = [self.sampling_params_cls(**self.params, seed=seed + i) for i in range(len(prompts))]
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def make_backend(model, tokenizer, cfg: RolloutConfig, greedy: bool):
+    return (VLLMBackend if cfg.backend == "vllm" else HFBackend)(model, tokenizer, cfg, greedy)
+
+
+# ---------------------------------------------------------------------------------------------
+# Env calls with a timeout: a hung env must not hang the rollout.
+
+
+def call_all_with_timeout(fns: list[Callable[[], Any]], timeout_s: float) -> list[tuple[bool, Any]]:
+    """Run the calls concurrently; (True, result) or (False, exception) per call, in order.
+
+    A call still running after `timeout_s` gives (False, TimeoutError); its daemon thread is
+    abandoned (Python cannot kill it), so the caller must not use that env again.
+    """
+    if timeout_s <= 0:
+        out = []
+        for fn in fns:
+            try:
+                out.append((True, fn()))
+            except Exception as e:  # noqa: BLE001 - any env error fails only its episode
+                out.append((False, e))
+        return out
+    results: list[tuple[bool, Any]] = [(False, None)] * len(fns)
+
+    def run(k: int, fn: Callable[[], Any]) -> None:
+        try:
+            results[k] = (True, fn())
+        except Exception as e:  # noqa: BLE001
+            results[k] = (False, e)
+
+    threads = [threading.Thread(target=run, args=(k, fn), daemon=True) for k, fn in enumerate(fns)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    timed_out = TimeoutError(f"env call exceeded step_timeout_s={timeout_s}")
+    return [(False, timed_out) if t.is_alive() else results[k] for k, t in enumerate(threads)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The lockstep loop
+
+
+@dataclass
+class _Episode:
+    traj_id: int
+    task: str
+    group_id: int
+    system_prompt: str = ""
+    observations: list[str] = field(default_factory=list)  # observation shown before each reply
+    steps: list[Step] = field(default_factory=list)
+    prompt_text: str = ""  # chat-template rendering of the current prompt
+    prompt_ids: list[int] = field(default_factory=list)  # its token ids (the rollout prompt)
+    info: dict[str, Any] = field(default_factory=dict)  # the env's latest info
+    t0: float = 0.0
+    gen_tokens: int = 0
+    invalid: int = 0  # steps with valid=False (malformed replies included)
+    malformed: int = 0  # replies parse_action could not read
+
+
+def _render(tokenizer, ep: _Episode) -> str:
+    msgs = build_messages(ep.system_prompt, ep.observations, [s.action for s in ep.steps])
+    return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+
+def _extend_prompt(tokenizer, ep: _Episode) -> None:
+    """Append the last action and the new observation to the prompt ids, encoding only them."""
+    action = ep.steps[-1].action
+    text = _render(tokenizer, ep)
+    head = ep.prompt_text + action
+    if text.startswith(head):
+        new = [t for t in (action, text[len(head):]) if t]
+        for t in new:
+            ep.prompt_ids = ep.prompt_ids + tokenizer(t, add_special_tokens=False)["input_ids"]
+    else:  # a template that re-renders earlier turns: encode from scratch
+        actions = [s.action for s in ep.steps]
+        ep.prompt_ids = encode_conversation(tokenizer, ep.system_prompt, ep.observations, actions, True).input_ids
+    ep.prompt_text = text
+
+
+def _json_scalars(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if isinstance(v, (bool, int, float, str))}
+
+
+def _finish(ep: _Episode, failed: str | None = None, truncated: bool = False,
+            overflow: bool = False) -> Trajectory:
+    return Trajectory(
+        traj_id=ep.traj_id, task=ep.task, steps=ep.steps, group_id=ep.group_id,
+        outcome=0.0 if failed else float(ep.info.get("score", 0.0)),
+        success=False if failed else bool(ep.info.get("won", False)),
+        system_prompt=ep.system_prompt, final_observation=ep.observations[-1] if ep.observations else "",
+        failed=failed,
+        stats={"turns": float(len(ep.steps)), "gen_tokens": float(ep.gen_tokens),
+               "invalid_actions": float(ep.invalid), "malformed_replies": float(ep.malformed),
+               "wall_time_s": time.monotonic() - ep.t0,
+               "truncated": float(truncated), "prompt_overflow": float(overflow),
+               "failed": float(failed is not None)},
+    )
+
+
+def run_episodes(backend, tokenizer, env_factory: Callable[[], Any], episodes: list[tuple[int, str, int]],
+                 cfg: RolloutConfig, seed: int = 0, progress: bool = False,
+                 desc: str = "rollout") -> list[Trajectory]:
+    """Roll out `episodes` = [(traj_id, task, group_id)] with `cfg.num_envs` envs in lockstep."""
+    from tqdm.auto import tqdm
+
+    queue = deque(episodes)
+    n_slots = min(cfg.num_envs, len(episodes))
+    envs: list[Any] = [None] * n_slots
+    slots: list[_Episode | None] = [None] * n_slots
+    done: list[Trajectory] = []
+    bar = tqdm(total=len(episodes), desc=desc, disable=not progress, leave=False)
+
+    def finish(slot: int, traj: Trajectory) -> None:
+        done.append(traj)
+        slots[slot] = None
+        bar.update(1)
+
+    def start(slot: int) -> None:
+        while queue and slots[slot] is None:
+            traj_id, task, group_id = queue.popleft()
+            envs[slot] = envs[slot] or env_factory()
+            ep = _Episode(traj_id, task, group_id, t0=time.monotonic())
+            ep.system_prompt = getattr(envs[slot], "system_prompt", "")
+            (ok, res), = call_all_with_timeout([lambda e=envs[slot]: e.reset(task)], cfg.step_timeout_s)
+            if not ok:
+                envs[slot] = None  # a broken env is replaced, never reused
+                finish(slot, _finish(ep, failed=f"reset: {type(res).__name__}: {res}"))
+                continue
+            ep.observations.append(res[0])
+            ep.info = dict(res[1] or {})
+            ep.prompt_text = _render(tokenizer, ep)
+            ep.prompt_ids = encode_conversation(tokenizer, ep.system_prompt, ep.observations, [],
+                                                add_generation_prompt=True).input_ids
+            slots[slot] = ep
+            if len(ep.prompt_ids) > cfg.max_prompt_tokens:
+                finish(slot, _finish(ep, truncated=True, overflow=True))
+
+    for s in range(n_slots):
+        start(s)
+    turn = 0
+    while any(slots):
+        active = [s for s in range(n_slots) if slots[s] is not None]
+        replies = backend.generate([slots[s].prompt_ids for s in active], active, seed * 1_000_003 + turn)
+        turn += 1
+        texts, actions = [], []
+        for s, ids in zip(active, replies):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            for stop in cfg.stop_strings:
+                text = text.split(stop, 1)[0]
+            texts.append(text.strip())
+            slots[s].gen_tokens += len(ids)
+            try:
+                actions.append(envs[s].parse_action(texts[-1]))
+            except Exception:  # noqa: BLE001 - a parser choking on odd text: the reply is invalid
+                actions.append(None)
+        to_step = [k for k, a in enumerate(actions) if a is not None]
+        results = dict(zip(to_step, call_all_with_timeout(
+            [lambda e=envs[active[k]], a=actions[k]: e.step(a) for k in to_step], cfg.step_timeout_s)))
+        for k, s in enumerate(active):
+            ep = slots[s]
+            if actions[k] is None:  # malformed reply: the env is not stepped
+                ep.invalid += 1
+                ep.malformed += 1
+                ep.steps.append(Step(ep.observations[-1], texts[k], valid=False, info={"parsed": False}))
+                obs, is_done = INVALID_REPLY + ep.observations[-1], False
+            else:
+                ok, res = results[k]
+                if not ok:
+                    envs[s] = None
+                    finish(s, _finish(ep, failed=f"step: {type(res).__name__}: {res}"))
+                    start(s)
+                    continue
+                obs, reward, is_done, info = res
+                ep.info = dict(info or {})
+                ep.invalid += not ep.info.get("valid", True)
+                ep.steps.append(Step(ep.observations[-1], texts[k], valid=bool(ep.info.get("valid", True)),
+                                     reward=float(reward), info=_json_scalars(ep.info)))
+            ep.observations.append(obs)
+            if is_done or len(ep.steps) >= cfg.max_turns:
+                finish(s, _finish(ep, truncated=not is_done))
+            else:
+                _extend_prompt(tokenizer, ep)
+                if len(ep.prompt_ids) > cfg.max_prompt_tokens:
+                    finish(s, _finish(ep, truncated=True, overflow=True))
+            if slots[s] is None:
+                start(s)
+    bar.close()
+    for env in envs:
+        if env is not None and hasattr(env, "close"):
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+    return sorted(done, key=lambda t: t.traj_id)
+
+
+def collect_rollouts(model, tokenizer, env_factory: Callable[[], Any], tasks: list[str], cfg: RolloutConfig, *,
+                     group_size: int = 1, seed: int = 0, greedy: bool = False, accelerator=None,
+                     desc: str = "rollout") -> list[Trajectory]:
+    """Roll out each task `group_size` times; every process returns the full list by traj_id.
+
+    Trajectories of task i get `group_id=i` and `traj_id = i * group_size + k`. With an
+    accelerator of P processes, process p runs episodes p, p+P, ... (strided, so each process
+    gets a similar mix of tasks) and the results are gathered on all processes.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size={group_size}: must be >= 1")
+    episodes = [(i * group_size + k, task, i) for i, task in enumerate(tasks) for k in range(group_size)]
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if accelerator is not None and not isinstance(model, str):
+        model = accelerator.unwrap_model(model)
+    was_training = getattr(model, "training", False)
+    if was_training:
+        model.eval()  # dropout off: rollouts sample from the policy, not a noisy copy
+    try:
+        backend = make_backend(model, tokenizer, cfg, greedy)
+        mine = run_episodes(backend, tokenizer, env_factory, episodes[rank::world], cfg,
+                            seed=seed + 7919 * rank, progress=rank == 0, desc=desc)
+    finally:
+        if was_training:
+            model.train()
+    if world == 1:
+        return mine
+    from accelerate.utils import gather_object
+
+    return sorted(gather_object(mine), key=lambda t: t.traj_id)
+
+
+def rollout_summary(trajs: list[Trajectory]) -> dict[str, float]:
+    """Totals over episodes: the engine's counters (for logs and benchmarks)."""
+    keys = ("turns", "gen_tokens", "invalid_actions", "malformed_replies", "truncated", "prompt_overflow",
+            "failed")
+    out = {k: float(sum(t.stats.get(k, 0.0) for t in trajs)) for k in keys}
+    out["episodes"] = float(len(trajs))
+    out["success_rate"] = sum(t.success for t in trajs) / max(len(trajs), 1)
+    return out

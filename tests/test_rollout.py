@@ -1,0 +1,323 @@
+"""Rollout engine: lockstep batching, counts, failures, invalid replies, determinism, KV reuse."""
+
+import time
+
+import pytest
+import torch
+
+from rl.models import load_tokenizer, tiny_model
+from rl.rollout import (
+    INVALID_REPLY, HFBackend, RolloutConfig, call_all_with_timeout, collect_rollouts, run_episodes,
+)
+from rl.trajectory import encode_conversation, tokenize_trajectory
+
+
+class CountEnv:
+    """Task "n-K" ends (won) after K env steps whatever the action; "raise-K" raises on step K;
+    "hang-K" sleeps past the timeout on step K; "resetraise" raises in reset; "fussy-K" needs K
+    steps and its parser rejects the first reply of each episode."""
+
+    system_prompt = "Count with me. Reply with one word."
+    instances: list["CountEnv"] = []
+
+    def __init__(self):
+        self.task, self.t, self.broken, self.steps_taken, self.parses = None, 0, False, 0, 0
+        CountEnv.instances.append(self)
+
+    def tasks(self, split):
+        return ["n-1", "n-2"]
+
+    def reset(self, task):
+        assert not self.broken, "a failed env must never be reused"
+        if task == "resetraise":
+            self.broken = True
+            raise RuntimeError("cannot start")
+        self.task, self.t, self.parses = task, 0, 0
+        return f"{task} start", {"valid": True, "won": False, "score": 0.0}
+
+    def parse_action(self, reply):
+        self.parses += 1
+        if self.task.startswith("fussy") and self.parses == 1:
+            return None
+        return reply or "noop"
+
+    def step(self, action):
+        kind, _, k = self.task.partition("-")
+        self.t += 1
+        self.steps_taken += 1
+        if kind == "raise" and self.t == int(k):
+            self.broken = True
+            raise ValueError("env bug")
+        if kind == "hang" and self.t == int(k):
+            self.broken = True
+            time.sleep(1.5)
+        done = self.t >= int(k)
+        info = {"valid": self.t % 2 == 1, "won": done, "score": 1.0 if done else 0.25 * self.t, "progress": 0.5}
+        return f"{self.task} obs {self.t}", 0.0, done, info
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matmuls: OpenMP threads only contend on a shared CPU (10x slower under load)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny")
+
+
+def _model(tok, seed=0):
+    # a larger init than the default makes greedy replies depend on the context (no constant
+    # argmax), so equality tests compare real, varied text
+    model = tiny_model(tok, hidden=32, layers=2, heads=2, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return _model(tok)
+
+
+def _count_generate(model, monkeypatch):
+    calls = []
+    orig = model.generate
+
+    def wrapped(*args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        calls.append((kwargs["input_ids"].shape[0], cache.get_seq_length() if cache is not None else 0))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", wrapped)
+    return calls
+
+
+def _actions(trajs):
+    return [[s.action for s in t.steps] for t in trajs]
+
+
+def test_lockstep_counts_groups_and_one_generate_per_turn(tok, model, monkeypatch):
+    calls = _count_generate(model, monkeypatch)
+    cfg = RolloutConfig(max_turns=10, max_new_tokens=6, num_envs=3)
+    tasks = ["n-1", "n-3", "n-2", "n-5"]
+    trajs = collect_rollouts(model, tok, CountEnv, tasks, cfg, group_size=2, seed=3)
+    assert [t.traj_id for t in trajs] == list(range(8))
+    assert [t.group_id for t in trajs] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert [t.task for t in trajs] == [t for t in tasks for _ in range(2)]
+    assert [t.num_steps for t in trajs] == [1, 1, 3, 3, 2, 2, 5, 5]
+    assert all(t.success and t.outcome == 1.0 and t.failed is None for t in trajs)
+    # episode lengths 1,1,3,3,2,2,5,5 in 3 slots refilled as soon as one ends (worked by hand):
+    # 9 turns with batch sizes 3,3,3,3,3,2,2,2,1 (22 steps), one generate call each
+    assert [b for b, _ in calls] == [3, 3, 3, 3, 3, 2, 2, 2, 1]
+    t = trajs[5]  # "n-2"
+    assert [s.observation for s in t.steps] == ["n-2 start", "n-2 obs 1"]
+    assert t.final_observation == "n-2 obs 2" and t.system_prompt == CountEnv.system_prompt
+    assert [s.valid for s in t.steps] == [True, False]  # from env info
+    assert t.steps[0].info == {"valid": True, "won": False, "score": 0.25, "progress": 0.5}
+    assert t.stats["turns"] == 2 and t.stats["invalid_actions"] == 1 and t.stats["malformed_replies"] == 0
+    assert all(0 < t.stats["gen_tokens"] <= t.num_steps * 6 and t.stats["wall_time_s"] > 0 for t in trajs)
+    assert sum(t.stats["gen_tokens"] for t in trajs) > sum(t.num_steps for t in trajs)  # not all instant EOS
+
+
+def test_incremental_prompt_ids_equal_full_encoding(monkeypatch):
+    orig = HFBackend.generate
+    for name in ("tiny", "tiny-llama3"):
+        tok = load_tokenizer(name)
+        model = _model(tok, seed=1)
+        seen = []
+
+        def spy(self, prompts, slots, seed):
+            seen.extend(tuple(p) for p in prompts)
+            return orig(self, prompts, slots, seed)
+
+        monkeypatch.setattr(HFBackend, "generate", spy)
+        cfg = RolloutConfig(max_turns=6, max_new_tokens=8, num_envs=2)
+        trajs = collect_rollouts(model, tok, CountEnv, ["n-4", "n-2", "n-3"], cfg, seed=0)
+        assert len(seen) == sum(t.num_steps for t in trajs) == 9
+        for traj in trajs:
+            obs, acts = [s.observation for s in traj.steps], [s.action for s in traj.steps]
+            full = tokenize_trajectory(tok, traj).input_ids
+            for t in range(traj.num_steps):
+                prompt = encode_conversation(tok, traj.system_prompt, obs[: t + 1], acts[:t], True).input_ids
+                assert tuple(prompt) in seen, (name, traj.traj_id, t)
+                assert full[: len(prompt)] == prompt
+
+
+def test_kv_cache_reuse_matches_fresh_prefill_greedy(tok, model, monkeypatch):
+    cfg = RolloutConfig(max_turns=10, max_new_tokens=8, num_envs=3, reuse_cache=False)
+    tasks = ["n-4", "n-1", "n-3", "n-2", "fussy-3", "n-5"]
+    ref = collect_rollouts(model, tok, CountEnv, tasks, cfg, greedy=True)
+    calls = _count_generate(model, monkeypatch)
+    cfg.reuse_cache = True
+    got = collect_rollouts(model, tok, CountEnv, tasks, cfg, greedy=True)
+    assert _actions(got) == _actions(ref)
+    assert len({a for acts in _actions(ref) for a in acts}) > 5  # varied replies, not one constant
+    # the cache was really reused on later turns (only new tokens fed)
+    assert calls[0][1] == 0 and sum(c > 0 for _, c in calls) >= len(calls) - 2
+
+
+def test_sampling_is_seeded(tok, model):
+    cfg = RolloutConfig(max_turns=4, max_new_tokens=8, num_envs=2, temperature=1.0)
+    runs = [collect_rollouts(model, tok, CountEnv, ["n-3", "n-2"], cfg, group_size=2, seed=s) for s in (5, 5, 6)]
+    drop_time = [[{**t.to_dict(), "stats": {k: v for k, v in t.stats.items() if k != "wall_time_s"}}
+                  for t in r] for r in runs]
+    assert drop_time[0] == drop_time[1]
+    assert _actions(runs[0]) != _actions(runs[2])
+    # the two rollouts of a group sample different replies (rows do not share a random stream)
+    assert _actions(runs[0])[0] != _actions(runs[0])[1]
+
+
+def test_failures_are_counted_and_slots_get_fresh_envs(tok, model):
+    CountEnv.instances.clear()
+    cfg = RolloutConfig(max_turns=5, max_new_tokens=4, num_envs=2, step_timeout_s=0.3)
+    tasks = ["n-2", "raise-1", "hang-1", "n-1", "resetraise", "n-2"]
+    t0 = time.monotonic()
+    trajs = collect_rollouts(model, tok, CountEnv, tasks, cfg)
+    assert time.monotonic() - t0 < 20
+    failed = [t.traj_id for t in trajs if t.failed]
+    assert failed == [1, 2, 4]
+    assert "ValueError" in trajs[1].failed and "TimeoutError" in trajs[2].failed
+    assert trajs[4].failed.startswith("reset") and trajs[4].num_steps == 0
+    assert all(t.outcome == 0.0 and not t.success and t.stats["failed"] == 1 for t in trajs if t.failed)
+    assert [t.num_steps for t in trajs if not t.failed] == [2, 1, 2]
+    assert all(t.success for t in trajs if not t.failed)
+    # 2 slots + one fresh env after each of the 3 failures (each had episodes still queued)
+    assert len(CountEnv.instances) == 5
+
+
+def test_malformed_reply_is_invalid_step_not_env_step(tok, model):
+    CountEnv.instances.clear()
+    cfg = RolloutConfig(max_turns=10, max_new_tokens=4, num_envs=1)
+    (traj,) = collect_rollouts(model, tok, CountEnv, ["fussy-2"], cfg)
+    assert traj.num_steps == 3 and traj.success
+    assert [s.valid for s in traj.steps] == [False, True, False]
+    assert traj.steps[0].info == {"parsed": False}
+    assert traj.steps[1].observation == INVALID_REPLY + traj.steps[0].observation
+    assert CountEnv.instances[0].steps_taken == 2  # the env was not stepped on the bad reply
+    assert traj.stats["malformed_replies"] == 1 and traj.stats["invalid_actions"] == 2
+
+
+def test_turn_limit_and_prompt_limit_end_episodes(tok, model):
+    cfg = RolloutConfig(max_turns=3, max_new_tokens=4, num_envs=2)
+    (cut,) = collect_rollouts(model, tok, CountEnv, ["n-50"], cfg)
+    assert cut.num_steps == 3 and cut.stats["truncated"] == 1 and not cut.success
+    assert cut.outcome == 0.75  # the last info score
+    first = len(encode_conversation(tok, CountEnv.system_prompt, ["n-50 start"], [], True).input_ids)
+    cfg = RolloutConfig(max_turns=30, max_new_tokens=4, num_envs=2, max_prompt_tokens=first + 1)
+    tiny_limit = collect_rollouts(model, tok, CountEnv, ["n-50", "n-50"], cfg)[0]
+    assert tiny_limit.num_steps == 1 and tiny_limit.stats["prompt_overflow"] == 1
+    cfg.max_prompt_tokens = first - 1
+    none = collect_rollouts(model, tok, CountEnv, ["n-50"], cfg)[0]
+    assert none.num_steps == 0 and none.stats["prompt_overflow"] == 1 and none.failed is None
+
+
+def test_stop_strings_cut_replies(tok, model):
+    cfg = RolloutConfig(max_turns=3, max_new_tokens=12, num_envs=2)
+    plain = collect_rollouts(model, tok, CountEnv, ["n-3", "n-3"], cfg, greedy=True)
+    assert any(" " in a for acts in _actions(plain) for a in acts)
+    cfg.stop_strings = [" "]
+    cut = collect_rollouts(model, tok, CountEnv, ["n-3", "n-3"], cfg, greedy=True)
+    assert all(" " not in a for acts in _actions(cut) for a in acts)
+    assert sum(t.stats["gen_tokens"] for t in cut) < sum(t.stats["gen_tokens"] for t in plain)
+
+
+class FakeAccelerator:
+    def __init__(self, rank, world):
+        self.process_index, self.num_processes = rank, world
+
+    def unwrap_model(self, model):
+        return model
+
+
+def test_sharded_rollouts_gather_in_single_process_order(tok, model, monkeypatch):
+    import accelerate.utils
+
+    cfg = RolloutConfig(max_turns=6, max_new_tokens=4, num_envs=2)
+    tasks = ["n-1", "n-3", "n-2"]
+    shares = []
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: shares.append(list(objs)) or
+                        [t for share in shares for t in share])
+    collect_rollouts(model, tok, CountEnv, tasks, cfg, group_size=2, accelerator=FakeAccelerator(0, 2))
+    full = collect_rollouts(model, tok, CountEnv, tasks, cfg, group_size=2, accelerator=FakeAccelerator(1, 2))
+    assert [[t.traj_id for t in s] for s in shares] == [[0, 2, 4], [1, 3, 5]]  # strided shares
+    assert [t.traj_id for t in full] == list(range(6))
+    assert [(t.task, t.group_id, t.num_steps) for t in full] == [
+        ("n-1", 0, 1), ("n-1", 0, 1), ("n-3", 1, 3), ("n-3", 1, 3), ("n-2", 2, 2), ("n-2", 2, 2)]
+
+
+def test_bad_config_and_missing_vllm_fail_early(tok, model):
+    with pytest.raises(ValueError, match="rollout.backend"):
+        RolloutConfig(backend="sglang")
+    with pytest.raises(ValueError, match="num_envs"):
+        RolloutConfig(num_envs=0)
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm installed")
+    except ImportError:
+        pass
+    with pytest.raises(RuntimeError, match="vllm"):
+        collect_rollouts(model, tok, CountEnv, ["n-1"], RolloutConfig(backend="vllm"))
+
+
+def test_call_all_with_timeout():
+    out = call_all_with_timeout([lambda: 1, lambda: 1 / 0, lambda: time.sleep(1)], 0.2)
+    assert out[0] == (True, 1)
+    assert not out[1][0] and isinstance(out[1][1], ZeroDivisionError)
+    assert not out[2][0] and isinstance(out[2][1], TimeoutError)
+    assert call_all_with_timeout([lambda: 2], 0) == [(True, 2)]
+
+
+def test_run_episodes_empty():
+    assert run_episodes(None, None, CountEnv, [], RolloutConfig()) == []
+
+
+DIST_SCRIPT = """
+import json, sys
+import torch
+from accelerate import Accelerator
+sys.path.insert(0, sys.argv[2])
+from test_rollout import CountEnv
+from rl.models import load_tokenizer, tiny_model
+from rl.rollout import RolloutConfig, collect_rollouts
+
+torch.set_num_threads(1)
+acc = Accelerator(cpu=True)
+tok = load_tokenizer("tiny")
+trajs = collect_rollouts(tiny_model(tok), tok, CountEnv, ["n-1", "n-3", "n-2"], RolloutConfig(num_envs=2,
+                         max_new_tokens=4), group_size=2, accelerator=acc)
+out = [(t.traj_id, t.task, t.group_id, t.num_steps) for t in trajs]
+open(f"{sys.argv[1]}/rank{acc.process_index}.json", "w").write(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_gathers_everything(tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "dist_rollout.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    with socket.socket() as sock:  # a free port: other test runs may hold the config's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # launch/cpu_2proc.yaml explains why plain `--cpu --num_processes 2` starts one process
+    subprocess.run(["accelerate", "launch", "--config_file", str(repo / "launch" / "cpu_2proc.yaml"),
+                    "--main_process_port", str(port), str(script), str(tmp_path), str(repo / "tests")],
+                   cwd=repo, env=env, check=True, timeout=170, capture_output=True)
+    expected = [[0, "n-1", 0, 1], [1, "n-1", 0, 1], [2, "n-3", 1, 3], [3, "n-3", 1, 3], [4, "n-2", 2, 2],
+                [5, "n-2", 2, 2]]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
