@@ -1,0 +1,332 @@
+"""The SPA progress estimator: a causal-LM backbone with a scalar head read at each step's end.
+
+For trajectory i with token view (input_ids, step_ends), the estimator predicts one contribution
+per step, c_t = w·h(step_ends[t]) + b, where h is the backbone's last hidden state at the last
+generated token of step t (so c_t sees the whole history up to and including action t). It is
+fit on outcomes alone (SPA, Wang et al. 2025):
+
+    L = mean_i (sum_t c_{i,t} - R_i)^2
+
+so the contributions redistribute the delayed outcome over the steps. The backbone is any HF
+causal LM (fully fine-tuned, or LoRA through peft); the head starts at zero (c_t = 0).
+
+Departures / choices: trajectories longer than `max_length` are left out of training (their kept
+steps cannot be asked to sum to R), and the count is logged; at annotation time the steps such a
+cut removes get c_t = 0, and `annotate_progress` returns and logs how many there were. Early
+stopping and best-checkpoint selection use the validation loss (the training loss when the
+validation split is empty).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from rl.algos import pad_step_ends
+from rl.trajectory import (TokenView, Trajectory, TrajectoryError, tokenize_trajectory, truncate_view,
+                           validate_trajectory)
+
+log = logging.getLogger(__name__)
+
+LogFn = Callable[[dict, int], None]  # (metrics, step) -> None
+
+
+@dataclass
+class ProgressConfig:
+    lr: float = 1e-4  # AdamW learning rate of the backbone (or its LoRA adapter) and the head
+    head_lr: float = 1e-3  # learning rate of the scalar head (fresh weights learn faster)
+    epochs: int = 3  # maximum passes over the training split
+    batch_size: int = 8  # trajectories per optimizer step (per process)
+    max_length: int = 2048  # tokens per trajectory; longer ones are left out of training
+    val_fraction: float = 0.1  # share of trajectories held out for early stopping
+    patience: int = 2  # stop after this many epochs without a better validation loss
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm (0: no clipping)
+    lora: bool = False  # wrap the backbone in a LoRA adapter (peft) instead of training all weights
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 16  # LoRA scaling numerator
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    seed: int = 0  # fixes the validation split, the data order and LoRA initialisation
+
+    def validate(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"progress.val_fraction={self.val_fraction}: must lie in [0, 1)")
+        for name in ("epochs", "batch_size", "max_length", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"progress.{name}={getattr(self, name)}: must be >= 1")
+
+
+def progress_loss(step_preds: torch.Tensor, step_mask: torch.Tensor, outcomes: torch.Tensor) -> torch.Tensor:
+    """SPA loss: mean_i (sum_t c_{i,t} - R_i)^2. step_preds, step_mask (B, S), outcomes (B,) -> ()."""
+    return ((step_preds * step_mask).sum(1) - outcomes).pow(2).mean()
+
+
+class ProgressEstimator(nn.Module):
+    """backbone (causal LM, maybe peft-wrapped) + Linear(hidden, 1) read at step ends."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        out_emb, in_emb = backbone.get_output_embeddings(), backbone.get_input_embeddings()
+        if out_emb is not None and out_emb.weight is not in_emb.weight:
+            # the LM head takes no part in the loss; a trainable unused weight breaks DDP
+            out_emb.weight.requires_grad_(False)
+
+    def _trunk(self) -> nn.Module:
+        model = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return model.get_decoder()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask (B, T), step_ends (B, S) (-1 = no step) -> c (B, S), 0 at padding."""
+        hidden = self._trunk()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        ends = step_ends.clamp(min=0)
+        at_ends = hidden.gather(1, ends.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S, H)
+        c = self.head(at_ends.to(self.head.weight.dtype)).squeeze(-1)
+        return c * (step_ends >= 0)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write head + backbone (full weights, or the LoRA adapter when its base is on disk)
+        atomically: into `<out_dir>.tmp`, then renamed over `out_dir`."""
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
+        backbone = self.backbone
+        if hasattr(backbone, "merge_and_unload"):
+            base = getattr(backbone.peft_config.get("default"), "base_model_name_or_path", "") or ""
+            if not Path(base).is_dir():
+                # an in-memory base cannot be found again at load time: store merged full weights
+                import copy
+
+                backbone = copy.deepcopy(backbone).merge_and_unload()
+        backbone.save_pretrained(tmp / "backbone")
+        (tmp / "estimator.json").write_text(json.dumps({"hidden_size": self.head.in_features}))
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: torch.dtype | None = None) -> "ProgressEstimator":
+        path = Path(path)
+        if not (path / "head.safetensors").exists() or not (path / "backbone").is_dir():
+            raise FileNotFoundError(f"{path} is not a progress estimator (needs head.safetensors and backbone/)")
+        from safetensors.torch import load_file
+
+        if (path / "backbone" / "adapter_config.json").exists():
+            from peft import AutoPeftModelForCausalLM
+
+            backbone = AutoPeftModelForCausalLM.from_pretrained(path / "backbone", dtype=dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            backbone = AutoModelForCausalLM.from_pretrained(path / "backbone", dtype=dtype)
+        est = cls(backbone)
+        est.head.load_state_dict(load_file(str(path / "head.safetensors")))
+        return est.eval()
+
+
+def load_estimator_for(path: str | Path, accelerator=None) -> ProgressEstimator:
+    """Load a saved estimator for inference, on the accelerator's device when given."""
+    est = ProgressEstimator.load(path)
+    return est.to(accelerator.device) if accelerator is not None else est
+
+
+# ---------------------------------------------------------------------------------------------
+# Token views and batches
+
+
+def checked_view(tokenizer, traj: Trajectory, max_length: int | None) -> TokenView:
+    """The trajectory's token view, truncated to `max_length`; raises naming the trajectory when
+    the untruncated view's step_ends do not match its steps."""
+    view = tokenize_trajectory(tokenizer, traj)
+    if len(view.step_ends) != traj.num_steps or view.num_steps != traj.num_steps:
+        raise TrajectoryError(f"trajectory {traj.traj_id}: token view has {len(view.step_ends)} step ends "
+                              f"for {traj.num_steps} steps")
+    return truncate_view(view, max_length) if max_length else view
+
+
+def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad {input_ids, step_ends, outcome} items into (B, T) ids/mask, (B, S) ends, (B,) R."""
+    T = max(len(it["input_ids"]) for it in items)
+    ids = torch.full((len(items), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(items), T), dtype=torch.long)
+    for b, it in enumerate(items):
+        ids[b, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
+        attn[b, : len(it["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": attn, "step_ends": pad_step_ends([it["step_ends"] for it in items]),
+            "outcome": torch.tensor([float(it["outcome"]) for it in items])}
+
+
+def _item(view: TokenView, traj: Trajectory) -> dict:
+    return {"input_ids": view.input_ids, "step_ends": view.step_ends, "outcome": float(traj.outcome)}
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Fit and annotate
+
+
+def _wrap_lora(backbone, cfg: ProgressConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return get_peft_model(backbone, lcfg)
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, math.ceil(val_fraction * n)) if val_fraction > 0 and n > 1 else 0
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _mean_loss(model, loader, accelerator) -> float:
+    """Mean over the loader's trajectories of (sum_t c_t - R)^2, gathered across processes."""
+    model.eval()
+    errs = []
+    with torch.no_grad():
+        for batch in loader:
+            c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
+            errs.append(accelerator.gather_for_metrics((c.sum(1) - batch["outcome"]).pow(2)))
+    model.train()
+    return torch.cat(errs).mean().item() if errs else float("nan")
+
+
+def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tokenizer, backbone, out_dir: str | Path,
+                           accelerator=None, log_fn: LogFn | None = None) -> ProgressEstimator:
+    """Fit c_t on the trajectories' outcomes; keep and save (atomically) the best epoch.
+
+    `backbone` is a causal LM (already peft-wrapped, or wrapped here when `cfg.lora`). Returns the
+    unwrapped estimator holding the best weights, also saved in `out_dir`. Runs under `accelerate`
+    (data sharded over processes; the main process saves).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    cfg.validate()
+    accelerator = accelerator or Accelerator()
+    items = []
+    for t in trajs:
+        validate_trajectory(t)
+        view = checked_view(tokenizer, t, cfg.max_length)
+        if view.num_steps == t.num_steps:
+            items.append(_item(view, t))
+    n_cut = len(trajs) - len(items)
+    if not items:
+        raise ValueError(f"progress: all {len(trajs)} trajectories exceed progress.max_length={cfg.max_length}")
+    if n_cut:
+        log.warning("progress: %d of %d trajectories exceed max_length=%d and are left out of training",
+                    n_cut, len(trajs), cfg.max_length)
+    train_idx, val_idx = _split(len(items), cfg.val_fraction, cfg.seed)
+    if cfg.lora and not hasattr(backbone, "peft_config"):
+        backbone = _wrap_lora(backbone, cfg)
+    estimator = ProgressEstimator(backbone)
+    head_params = list(estimator.head.parameters())
+    body_params = [p for p in estimator.backbone.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
+                                  weight_decay=cfg.weight_decay)
+    pad = _pad_id(tokenizer)
+    make = lambda idx, shuffle: torch.utils.data.DataLoader(  # noqa: E731
+        [items[i] for i in idx], batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=lambda b: collate(b, pad),
+        generator=torch.Generator().manual_seed(cfg.seed))
+    train_loader, val_loader = make(train_idx, True), make(val_idx, False)
+    model, optimizer, train_loader = accelerator.prepare(estimator, optimizer, train_loader)
+    if val_idx:
+        val_loader = accelerator.prepare(val_loader)
+    main = accelerator.is_main_process
+    best, best_state, stale, step = math.inf, None, 0, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        running, seen = 0.0, 0
+        for batch in tqdm(train_loader, desc=f"progress epoch {epoch}", disable=not accelerator.is_local_main_process):
+            c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
+            loss = progress_loss(c, (batch["step_ends"] >= 0).to(c.dtype), batch["outcome"].to(c.dtype))
+            accelerator.backward(loss)
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad()
+            running, seen, step = running + loss.item() * len(c), seen + len(c), step + 1
+        train_loss = running / max(seen, 1)
+        val_loss = _mean_loss(model, val_loader, accelerator) if val_idx else train_loss
+        if log_fn is not None:
+            log_fn({"progress/train_loss": train_loss, "progress/val_loss": val_loss, "progress/epoch": epoch,
+                    "progress/left_out_too_long": n_cut}, step)
+        if val_loss < best:
+            best, stale = val_loss, 0
+            unwrapped = accelerator.unwrap_model(model)
+            best_state = {k: p.detach().cpu().clone() for k, p in unwrapped.named_parameters() if p.requires_grad}
+            if main:
+                unwrapped.save(out_dir)
+            accelerator.wait_for_everyone()
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    estimator = accelerator.unwrap_model(model)
+    estimator.load_state_dict(best_state, strict=False)
+    return estimator.eval()
+
+
+@torch.no_grad()
+def annotate_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[Trajectory], batch_size: int = 8,
+                      max_length: int | None = None) -> dict[str, int]:
+    """Set `traj.annotations["progress"]` = [c_0, ..., c_T] on every trajectory (in place).
+
+    Steps cut by `max_length` get c_t = 0; their count is stored in `traj.stats["progress_cut_steps"]`,
+    logged, and returned with the totals: {"trajectories", "cut_trajectories", "cut_steps"}.
+    """
+    estimator = getattr(estimator, "module", estimator)
+    was_training = estimator.training
+    estimator.eval()
+    device = next(estimator.parameters()).device
+    views = []
+    for t in trajs:
+        validate_trajectory(t)
+        views.append(checked_view(tokenizer, t, max_length))
+    order = sorted((i for i, v in enumerate(views) if v.num_steps > 0), key=lambda i: len(views[i].input_ids))
+    preds: dict[int, list[float]] = {}
+    pad = _pad_id(tokenizer)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = collate([_item(views[i], trajs[i]) for i in chunk], pad)
+        c = estimator(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["step_ends"].to(device))
+        for row, i in enumerate(chunk):
+            preds[i] = c[row, : views[i].num_steps].float().cpu().tolist()
+    cut_trajs = cut_steps = 0
+    for i, t in enumerate(trajs):
+        kept = preds.get(i, [])
+        cut = t.num_steps - len(kept)
+        t.annotations["progress"] = kept + [0.0] * cut
+        t.stats["progress_cut_steps"] = float(cut)
+        cut_trajs, cut_steps = cut_trajs + (cut > 0), cut_steps + cut
+    if cut_steps:
+        log.warning("annotate_progress: %d steps of %d trajectories lie past max_length=%s and got c_t = 0",
+                    cut_steps, cut_trajs, max_length)
+    estimator.train(was_training)
+    return {"trajectories": len(trajs), "cut_trajectories": cut_trajs, "cut_steps": cut_steps}
