@@ -259,6 +259,13 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     accelerator.gradient_accumulation_steps = gas
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # no prepared dataloader: DeepSpeed cannot infer these itself
+        ds_cfg = ds_plugin.deepspeed_config
+        for key, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", gas),
+                           ("train_batch_size", cfg.minibatch_size), ("gradient_clipping", cfg.max_grad_norm)):
+            if ds_cfg.get(key, "auto") == "auto":
+                ds_cfg[key] = value
     model, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_root = run_dir / "checkpoints"
@@ -327,7 +334,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                             loss = loss + cfg.kl_coef * kl
                         accelerator.backward(loss)
                         if accelerator.sync_gradients:
-                            grad_norms.append(float(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)))
+                            gn = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                            if gn is not None:  # DeepSpeed clips inside its step and returns None
+                                grad_norms.append(float(gn))
                         optimizer.step()
                         optimizer.zero_grad()
                     ntok = m.sum().float()
