@@ -1,0 +1,201 @@
+"""Entry point: run a recipe's stages (sft -> explore -> progress -> rl | dpo -> eval).
+
+    python -m rl.train RECIPE [key.sub=value ...]
+    accelerate launch --config_file launch/cpu_2proc.yaml -m rl.train RECIPE [key=value ...]
+
+Every stage writes into `runs/<name>/<stage>/` and reads the previous stage's artifacts from
+there, so `stages=[rl,eval]` re-runs just those; `resume=true` skips stages already marked done
+and continues an interrupted RL stage from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from rl.config import ConfigError, dump_yaml, load_config
+from rl.credit import CreditConfig, ProgressConfig
+from rl.models import ModelConfig
+from rl.rollout import RolloutConfig
+from rl.trainers.dpo import DPOStageConfig
+from rl.trainers.ppo import PPOConfig
+from rl.trainers.sft import SFTConfig
+
+Stage = Literal["sft", "explore", "progress", "rl", "dpo", "eval"]
+STAGE_ORDER = ("sft", "explore", "progress", "rl", "dpo", "eval")
+
+
+@dataclass
+class EnvConfig:
+    name: str = "keydoor"  # registered env name or "package.module:Class"
+    options: dict[str, Any] = field(default_factory=dict)  # constructor options of the env
+    train_split: str = "train"  # tasks for sft, explore and rl
+    eval_split: str = "test"  # held-out tasks for eval
+    num_train_tasks: int = 0  # use the first N train tasks (0: all)
+
+
+@dataclass
+class ExploreConfig:
+    rollouts_per_task: int = 4  # K trajectories per task (wins and failures) for the estimator
+    temperature: float = 1.0  # sampling temperature while exploring
+
+
+@dataclass
+class EvalConfig:
+    num_tasks: int = 0  # evaluate on the first N tasks of env.eval_split (0: all)
+    greedy: bool = True  # greedy decoding (else the rollout's sampling settings)
+    compare_with_sft: bool = True  # also evaluate the SFT policy and print the comparison
+
+
+@dataclass
+class TrackingConfig:
+    backends: list[Literal["wandb", "tensorboard"]] = field(default_factory=list)  # metrics.jsonl always
+    project: str = "spa-rl"  # wandb project name
+
+
+@dataclass
+class RunConfig:
+    name: str = "quickstart"  # run directory name under output_dir
+    output_dir: str = "runs"  # parent of run directories
+    seed: int = 0  # fixes task order, sampling and initialisation
+    stages: list[Stage] = field(default_factory=lambda: ["sft", "explore", "progress", "rl", "eval"])
+    resume: bool = False  # skip finished stages; continue RL from its last checkpoint
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    explore: ExploreConfig = field(default_factory=ExploreConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+    credit: CreditConfig = field(default_factory=CreditConfig)
+    rl: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOStageConfig = field(default_factory=DPOStageConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+@dataclass
+class Context:
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Any
+    tracker: Any  # rl.tracking.Tracker or None
+    env_factory: Callable[[], Any]
+    tasks: dict[str, list[str]] = field(default_factory=dict)
+
+    def log(self, metrics: dict[str, float], stage: str, step: int) -> None:
+        if self.tracker is not None:
+            self.tracker.log(metrics, stage=stage, step=step)
+
+
+def build_context(cfg: RunConfig, with_trackers: bool = True) -> Context:
+    """Check everything cheap that can be wrong (env options, data dirs, model path) and set up
+    the accelerator, so bad input fails before any work starts."""
+    from accelerate import Accelerator
+
+    from envs import make_env
+    from rl.models import BUILTIN_MODELS, resolve_model_dir
+
+    env = make_env(cfg.env.name, **cfg.env.options)  # raises EnvError naming what is missing
+    tasks = {}
+    for split in (cfg.env.train_split, cfg.env.eval_split):
+        tasks[split] = env.tasks(split)
+    if cfg.env.num_train_tasks:
+        tasks[cfg.env.train_split] = tasks[cfg.env.train_split][: cfg.env.num_train_tasks]
+    if cfg.eval.num_tasks:
+        tasks[cfg.env.eval_split] = tasks[cfg.env.eval_split][: cfg.eval.num_tasks]
+    if cfg.model.name not in BUILTIN_MODELS or cfg.model.path:
+        resolve_model_dir(cfg.model.path or cfg.model.name)
+    first = [env]  # hand the already-built env to the first caller: building some envs is slow
+
+    def env_factory():
+        return first.pop() if first else make_env(cfg.env.name, **cfg.env.options)
+
+    backends = list(cfg.tracking.backends) if with_trackers else []
+    accelerator = Accelerator(log_with=backends or None, project_dir=str(cfg.run_dir))
+    tracker = None
+    if with_trackers:
+        from rl.tracking import Tracker
+
+        tracker = Tracker(cfg.run_dir, accelerator, backends=backends, project=cfg.tracking.project,
+                          run_name=cfg.name, config=_flat_config(cfg))
+    return Context(cfg, cfg.run_dir, accelerator, tracker, env_factory, tasks)
+
+
+def evaluation_tasks(cfg: RunConfig, ctx: Context) -> list[str]:
+    return ctx.tasks[cfg.env.eval_split]
+
+
+def _flat_config(cfg: RunConfig) -> dict[str, Any]:
+    from rl.config import to_dict
+
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", to_dict(cfg))
+    return out
+
+
+def run(cfg: RunConfig) -> dict[str, float]:
+    """Run the selected stages in pipeline order; returns the final eval metrics (if any)."""
+    from rl import stages as stage_fns
+
+    ctx = build_context(cfg)
+    if ctx.accelerator.is_main_process:
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        (ctx.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    ctx.accelerator.wait_for_everyone()
+    results: dict[str, float] = {}
+    try:
+        for stage in [s for s in STAGE_ORDER if s in cfg.stages]:
+            done_marker = ctx.run_dir / stage / "DONE"
+            if cfg.resume and done_marker.exists():
+                ctx.accelerator.print(f"[{stage}] already done, skipped (resume=true)")
+                continue
+            ctx.accelerator.print(f"[{stage}] starting")
+            out = getattr(stage_fns, f"run_{stage}")(ctx)
+            if isinstance(out, dict):
+                results.update(out)
+            ctx.accelerator.wait_for_everyone()
+            if ctx.accelerator.is_main_process:
+                done_marker.parent.mkdir(parents=True, exist_ok=True)
+                done_marker.write_text("done\n")
+        if ctx.accelerator.is_main_process:
+            from rl.report import write_report
+
+            write_report(ctx.run_dir)
+    finally:
+        if ctx.tracker is not None:
+            ctx.tracker.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    from envs import EnvError
+
+    try:
+        cfg = load_config(RunConfig, argv[0], argv[1:])
+        run(cfg)
+    except (ConfigError, EnvError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
