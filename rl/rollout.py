@@ -147,8 +147,10 @@ class HFBackend:
                 out = self.model.generate(input_ids=ids, attention_mask=mask,
                                           generation_config=self.gen_cfg, **kwargs)
             if cache is not None:
-                cache.crop(-(cache.get_seq_length() - ids.shape[1]))  # drop generated tokens' KV
-                self.cache, self.mask, self.rows = cache, mask, list(slots)
+                extra = cache.get_seq_length() - ids.shape[1]
+                if extra > 0:  # drop the generated tokens' KV (crop(-0) would empty it on 4.x)
+                    cache.crop(-extra)
+                self.cache, self.mask, self.rows = cache, mask.cpu(), list(slots)
                 self.cached = {s: list(p) for s, p in zip(slots, prompts)}  # callers may mutate theirs
         replies = []
         for row in out[:, ids.shape[1]:].tolist():
