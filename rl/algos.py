@@ -300,7 +300,9 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, -1) - (torch.softmax(logits, -1) * logits).sum(-1)
 
 
-def _reduce(per_token: Tensor, mask: Tensor, normalizer: float | None) -> Tensor:
+def token_mean(per_token: Tensor, mask: Tensor, normalizer: float | None = None) -> Tensor:
+    """sum(per_token * mask) / normalizer, the normalizer defaulting to the number of masked tokens
+    (a shard of a minibatch passes the minibatch's token count so shard losses add up)."""
     mask = mask.to(per_token.dtype)
     denom = mask.sum().clamp(min=1.0) if normalizer is None else normalizer
     return (per_token * mask).sum() / denom
@@ -320,7 +322,7 @@ def ppo_policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = _reduce(torch.maximum(unclipped, clipped), mask, normalizer)
+    loss = token_mean(torch.maximum(unclipped, clipped), mask, normalizer)
     with torch.no_grad():
         clip_frac = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
@@ -337,10 +339,10 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     """
     err = (values - returns) ** 2
     if clip is None or clip <= 0:
-        return 0.5 * _reduce(err, mask, normalizer), torch.zeros(())
+        return 0.5 * token_mean(err, mask, normalizer), torch.zeros(())
     v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
     err_clip = (v_clip - returns) ** 2
-    loss = 0.5 * _reduce(torch.maximum(err, err_clip), mask, normalizer)
+    loss = 0.5 * token_mean(torch.maximum(err, err_clip), mask, normalizer)
     with torch.no_grad():
         frac = masked_mean((err_clip > err).float(), mask)
     return loss, frac
