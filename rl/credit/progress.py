@@ -108,8 +108,8 @@ class ProgressEstimator(nn.Module):
         save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp / "head.safetensors"))
         backbone = self.backbone
         if hasattr(backbone, "merge_and_unload"):
-            base = getattr(backbone.peft_config.get("default"), "base_model_name_or_path", "") or ""
-            if not Path(base).is_dir():
+            base = getattr(backbone.peft_config.get("default"), "base_model_name_or_path", None)
+            if not base or not Path(base).is_dir():
                 # an in-memory base cannot be found again at load time: store merged full weights
                 import copy
 
