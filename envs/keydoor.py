@@ -5,9 +5,12 @@ the door and `open door`. Observations are relative ("The key is 2 steps north a
 east."), so the optimal policy is a function of the last observation and a small model can learn
 it; the horizon grows with `size` (the oracle needs up to 4*(size-1)+2 steps).
 
-Ground truth for credit assignment: `info["progress"]` is 0.5 once the key is held and 1.0 when
-the door is open, so only `take key` and `open door` make progress and every move makes none. The
-outcome is sparse: score 1 when won, else 0.
+Ground truth for credit assignment: `info["progress"]` is 0.5 while the key is held and 1.0 once
+the door is open, so only `take key` (+0.5), `open door` (+0.5) and `drop key` (-0.5, a trap the
+oracle never uses) change progress; every move makes none. The outcome arrives only at the end:
+the final `score` is the progress reached (1 when won, 0.5 when the episode ends holding the key),
+so the outcome is exactly the sum of the true per-step increments and they can be identified from
+outcomes alone (were the score 1-if-won, `take key` and `open door` could not be told apart).
 
 Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions),
 drawn without replacement from one seeded stream, so train/dev/test never share a layout.
@@ -20,9 +23,9 @@ import re
 
 from envs.base import EnvError, register
 
-ACTIONS = ("go north", "go south", "go east", "go west", "take key", "open door")
+ACTIONS = ("go north", "go south", "go east", "go west", "take key", "drop key", "open door")
 _MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
-_ACTION_RE = re.compile(r"^(go|take|open)\s+[a-z]+$")
+_ACTION_RE = re.compile(r"^(go|take|drop|open)\s+[a-z]+$")
 
 
 def parse_action(reply: str) -> str | None:
@@ -57,7 +60,7 @@ class KeyDoorEnv:
     system_prompt = (
         "You are an agent in a grid of rooms. Find the key, take it, walk to the door and open it. "
         "Reply with exactly one action per turn: go north, go south, go east, go west, take key, "
-        "open door."
+        "drop key, open door."
     )
 
     def __init__(self, size: int = 3, max_steps: int | None = None, num_train_tasks: int = 64,
@@ -105,7 +108,7 @@ class KeyDoorEnv:
 
     def _info(self, valid: bool) -> dict:
         progress = 1.0 if self.won else (0.5 if self.has_key else 0.0)
-        return {"valid": valid, "won": self.won, "score": 1.0 if self.won else 0.0, "progress": progress}
+        return {"valid": valid, "won": self.won, "score": progress, "progress": progress}
 
     def reset(self, task: str) -> tuple[str, dict]:
         if task not in self._layouts:
@@ -135,6 +138,12 @@ class KeyDoorEnv:
                 msg = "You took the key."
             else:
                 reason = "you hold the key already" if self.has_key else "the key is not here"
+        elif action == "drop key":
+            if self.has_key:
+                self.has_key, self.key = False, self.pos
+                msg = "You dropped the key."
+            else:
+                reason = "you do not hold the key"
         elif action == "open door":
             if self.has_key and self.pos == self.door:
                 self.won = True

@@ -31,7 +31,21 @@ def test_progress_only_from_key_and_door(env):
         increment = info["progress"] - prev
         prev = info["progress"]
         assert increment == (0.5 if action in ("take key", "open door") else 0.0)
+        assert info["score"] == info["progress"]  # the outcome is the sum of the increments
     assert done and info["won"] and reward == 1.0 and info["score"] == 1.0
+
+
+def test_dropping_the_key_undoes_progress_and_lowers_the_score():
+    env = make_env("keydoor", size=2, max_steps=5, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
+    env.reset("train-0")  # key 1 step north
+    env.step("go north")
+    _, _, _, info = env.step("take key")
+    assert info["progress"] == 0.5 and info["score"] == 0.5
+    obs, _, _, info = env.step("drop key")
+    assert info["valid"] and info["progress"] == 0.0 and obs.startswith("You dropped the key. The key is here.")
+    _, _, done, info = env.step("take key")
+    assert not done and info["score"] == 0.5
+    _, _, done, info = env.step("go south") and not info["won"]  # time is up holding the key: partial score
 
 
 def test_random_actions_mostly_lose(env):
@@ -59,7 +73,7 @@ def test_invalid_actions_are_reported_not_raised(env):
 
 
 def test_episode_ends_at_max_steps():
-    env = make_env("keydoor", size=2, max_steps=3, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
+    env = make_env("keydoor", size=2, max_steps=5, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
     env.reset("train-0")
     dones = [env.step("take nothing")[2] for _ in range(3)]
     assert dones == [False, False, True]
