@@ -45,7 +45,8 @@ def test_dropping_the_key_undoes_progress_and_lowers_the_score():
     assert info["valid"] and info["progress"] == 0.0 and obs.startswith("You dropped the key. The key is here.")
     _, _, done, info = env.step("take key")
     assert not done and info["score"] == 0.5
-    _, _, done, info = env.step("go south") and not info["won"]  # time is up holding the key: partial score
+    _, _, done, info = env.step("go south")
+    assert done and info["score"] == 0.5 and not info["won"]  # time is up holding the key: partial score
 
 
 def test_random_actions_mostly_lose(env):
@@ -73,7 +74,7 @@ def test_invalid_actions_are_reported_not_raised(env):
 
 
 def test_episode_ends_at_max_steps():
-    env = make_env("keydoor", size=2, max_steps=5, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
+    env = make_env("keydoor", size=2, max_steps=3, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
     env.reset("train-0")
     dones = [env.step("take nothing")[2] for _ in range(3)]
     assert dones == [False, False, True]
