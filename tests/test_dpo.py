@@ -101,6 +101,15 @@ def test_step_pairs_require_the_annotation():
         step_pairs([B1, B2], key="q")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny model is too small to gain from threads; on a busy machine they oversubscribe cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer("tiny")
@@ -132,8 +141,8 @@ def completion_logp(model, tok, prompt, completion) -> float:
 
 
 def margins(model, tok, pairs):
-    return [completion_logp(model, tok, p["prompt"], p["chosen"]) - completion_logp(model, tok, p["prompt"], p["rejected"])
-            for p in pairs]
+    return [completion_logp(model, tok, p["prompt"], p["chosen"])
+            - completion_logp(model, tok, p["prompt"], p["rejected"]) for p in pairs]
 
 
 def test_train_dpo_raises_the_chosen_rejected_margin(tok, tmp_path):
@@ -151,6 +160,23 @@ def test_train_dpo_raises_the_chosen_rejected_margin(tok, tmp_path):
     assert steps[0]["dpo/loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference at step 1
     assert steps[-1]["dpo/rewards/margins"] > 0 and steps[-1]["dpo/loss"] < steps[0]["dpo/loss"]
     assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+
+
+def test_train_dpo_step_pairs_with_lora_uses_the_disabled_adapter_as_reference(tok, tmp_path):
+    from rl.models import ModelConfig, load_model
+
+    model = load_model(ModelConfig(lora=True, lora_r=8, lora_alpha=32), tok)
+    pairs = step_pairs(ALL)
+    before = margins(model, tok, pairs)
+    logs = []
+    cfg = DPOStageConfig(pairs="step", lr=1e-2, epochs=3, batch_size=3, beta=0.5, warmup_ratio=0.0)
+    model = train_dpo(cfg, model, tok, ALL, tmp_path / "dpo", log_fn=lambda m, s: logs.append(m))
+    after = margins(model, tok, pairs)
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.5, (before, after)
+    with model.disable_adapter():  # the reference TRL used: the base weights, untouched
+        assert margins(model, tok, pairs) == pytest.approx(before, abs=1e-4)
+    assert [m["dpo/loss"] for m in logs if "dpo/loss" in m][0] == pytest.approx(0.6931, abs=1e-3)
+    assert (tmp_path / "dpo" / "config.json").exists()  # tiny base: saved merged
 
 
 def test_train_dpo_rejects_bad_input(tok):

@@ -2,6 +2,7 @@
 
 import copy
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -29,6 +30,15 @@ DEMOS = [
     demo(2, [("The door is 3 steps south.", "go south"), ("You walk south.", "go south"),
              ("You walk south. The door is here.", "open door")]),
 ]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # the tiny model is too small to gain from threads; on a busy machine they oversubscribe cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -183,19 +193,29 @@ def test_bad_config_fails_early_naming_the_key(tok):
         train_sft(SFTConfig(only_successful=True), model, tok, failed, None)
 
 
+def test_pipeline_accelerator_keeps_its_settings(tok):
+    from accelerate import Accelerator
+
+    acc = Accelerator(gradient_accumulation_steps=3)
+    logs = []
+    train_sft(SFTConfig(epochs=1, batch_size=1, grad_accum_steps=3), tiny_model(tok), tok, DEMOS, None,
+              accelerator=acc, log_fn=lambda m, s: logs.append((s, m)))
+    assert [s for s, m in logs if "sft/loss" in m] == [1]  # 3 trajectories, 3 micro-batches: 1 step
+    assert acc.gradient_accumulation_steps == 3 and acc.gradient_state.num_steps == 3
+
+
 DDP_SCRIPT = """
 import json, sys, torch
 from rl.models import load_tokenizer, tiny_model
 from rl.trainers.sft import SFTConfig, train_sft
-from rl.trajectory import Trajectory
 sys.path.insert(0, {tests!r})
 from test_sft import DEMOS
 tok = load_tokenizer("tiny")
 logs = []
 cfg = SFTConfig(lr=0.0, epochs=1, batch_size=1, warmup_ratio=0.0)
 train_sft(cfg, tiny_model(tok, seed=3), tok, DEMOS[:2], {out!r}, log_fn=lambda m, s: logs.append(m))
-if logs:
-    open({out!r} + ".json", "w").write(json.dumps(logs[0]))
+if logs:  # main process only
+    open({out!r} + ".json", "w").write(json.dumps(dict(logs[0], world_size=torch.distributed.get_world_size())))
 """
 
 
@@ -207,14 +227,22 @@ def test_accelerate_launch_two_processes_gives_global_token_mean(tok, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=out)))
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=170,
-                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # launch/cpu_2proc.yaml: torchrun launcher + ACCELERATE_USE_CPU=1 gives two gloo processes
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(root / "launch" / "cpu_2proc.yaml"),
+           "--main_process_port", str(port), str(script)]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    logged = json.loads(Path(out + ".json").read_text())["sft/loss"]
+    logged = json.loads(Path(out + ".json").read_text())
+    assert logged["world_size"] == 2
+    logged = logged["sft/loss"]
     model = tiny_model(tok, seed=3)
     rows = sft_examples(tok, DEMOS[:2], 2048)
     sums, count = 0.0, 0

@@ -20,6 +20,9 @@ state both trajectories share:
   `traj.annotations[key][t]` (progress estimate, Q or MC value; averaged over trajectories that
   took the same action there) is chosen, the lower rejected.
 
+TRL renders prompt + completion with the chat template and tokenizes the text itself; the
+completion's tokens are the action, its end-of-turn token and the template's trailing newline.
+
 Pairs need a value gap strictly greater than `min_margin`; identical pairs are kept once. Prompts
 longer than `max_length` lose their oldest user/assistant turns (the system prompt and the last
 observation stay) so late decisions are not dropped by TRL's keep-start truncation.
@@ -36,9 +39,9 @@ import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
-from rl.trainers.sft import LogFn, check_common, finish, metrics_callback, trainer_args
+from rl.trainers.sft import LogFn, check_common, finish, keep_gradient_state, metrics_callback, trainer_args
 from rl.trajectory import Trajectory, build_messages, validate_trajectory
 
 PAIR_MODES = ("outcome", "step")
@@ -47,8 +50,8 @@ COMPLETIONS = ("action", "rest")
 
 @dataclass
 class DPOStageConfig:
-    pairs: str = "outcome"  # "outcome" (first differing action by episode outcome) | "step" (step-DPO)
-    completion: str = "action"  # outcome pairs: "action" (first differing action) | "rest" (rest of episode)
+    pairs: Literal["outcome", "step"] = "outcome"  # by episode outcome, or step-DPO by per-step value
+    completion: Literal["action", "rest"] = "action"  # outcome pairs: first differing action | rest of episode
     progress_key: str = "progress"  # step pairs: the per-step value in traj.annotations to compare
     min_margin: float = 0.0  # keep pairs whose outcome/value gap is strictly larger than this
     beta: float = 0.1  # DPO temperature: strength of the pull towards the reference
@@ -218,7 +221,7 @@ def train_dpo(cfg: DPOStageConfig, model, tokenizer, trajs: Sequence[Trajectory]
         ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     rows = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in fitted]
     bf16 = cfg.bf16 or (accelerator is not None and accelerator.mixed_precision == "bf16")
-    with tempfile.TemporaryDirectory(prefix="dpo-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="dpo-") as scratch, keep_gradient_state():
         args = trainer_args(DPOConfig, cfg, Path(scratch), bf16, beta=cfg.beta, loss_type=[cfg.loss_type],
                             max_length=cfg.max_length, precompute_ref_log_probs=cfg.precompute_ref_log_probs)
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),

@@ -14,14 +14,16 @@ with an explicit `labels` column (`dataset_kwargs={"skip_prepare_dataset": True}
 re-tokenization, no truncation and no re-masking, and its collator pads `labels` with -100, so it
 trains on exactly our `action_mask`. Its loss is the token mean above (it divides by the number of
 label tokens across accumulation steps and processes), it runs unchanged under `accelerate launch`
-and DeepSpeed, and `trainer.save_model` gathers ZeRO-3 shards. Departures from TRL's defaults:
-no gradient checkpointing and no bf16 unless asked (TRL turns both on), no checkpoints during the
-stage, `report_to="none"` (metrics go through `log_fn`). `tests/test_sft.py` checks the logged loss
+(tested with 2 CPU processes) and uses the Trainer's DeepSpeed integration (`trainer.save_model`
+gathers ZeRO-3 shards; not exercised by the CPU tests). Departures from TRL's defaults: no
+activation checkpointing from the Trainer (`ModelConfig.gradient_checkpointing` turns it on in the
+model) and no bf16 unless asked (TRL turns both on), no checkpoints during the stage,
+`report_to="none"` (metrics go through `log_fn`). `tests/test_sft.py` checks the logged loss
 against `masked_token_nll` computed by hand.
 
 Note: the Trainer builds its own `Accelerator`; accelerate's process state is shared per process,
 so it joins the same process group as the pipeline's accelerator. The pipeline's accelerator only
-chooses mixed precision here.
+chooses mixed precision here, and its gradient-accumulation settings are restored afterwards.
 
 With a peft (LoRA) model only the adapter is saved; `rl.models.load_model` loads such a directory
 directly, and `AutoPeftModelForCausalLM.from_pretrained(out_dir).merge_and_unload()
@@ -31,8 +33,10 @@ hub id to be found by (the built-in tiny model), the merged weights are saved in
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -126,7 +130,7 @@ def trainer_args(config_cls, cfg, out_dir: Path, bf16: bool, **extra):
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum_steps,
         warmup_steps=cfg.warmup_ratio, lr_scheduler_type=cfg.lr_scheduler, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps,
-        bf16=bf16, fp16=False, gradient_checkpointing=False, save_strategy="no", report_to="none",
+        bf16=bf16, fp16=False, activation_checkpointing=False, save_strategy="no", report_to="none",
         dataloader_num_workers=0, dataloader_pin_memory=False, **extra,
     )
 
@@ -153,8 +157,6 @@ def finish(trainer, out_dir: Path) -> None:
     acc.wait_for_everyone()
     if _adapter_base_missing(trainer.model):
         if acc.is_main_process:
-            import copy
-
             copy.deepcopy(trainer.model).merge_and_unload().save_pretrained(tmp)
             trainer.processing_class.save_pretrained(tmp)
     else:
@@ -167,6 +169,21 @@ def finish(trainer, out_dir: Path) -> None:
     acc.wait_for_everyone()
 
 
+@contextmanager
+def keep_gradient_state():
+    """The Trainer's own Accelerator rewrites accelerate's GradientState, which every Accelerator in
+    the process shares (the pipeline's `gradient_accumulation_steps` would read 1 afterwards): put
+    the caller's settings back when training ends."""
+    from accelerate.state import GradientState
+
+    shared = GradientState._shared_state
+    saved = {k: shared[k] for k in ("plugin_kwargs", "sync_gradients") if k in shared}
+    try:
+        yield
+    finally:
+        shared.update({k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()})
+
+
 def fit_examples(cfg: SFTConfig, model, tokenizer, rows: list[dict], out_dir: str | Path | None,
                  bf16: bool = False, log_fn: LogFn | None = None):
     """Train on prepared {"input_ids", "labels"} rows exactly as given; save to out_dir if set."""
@@ -174,7 +191,7 @@ def fit_examples(cfg: SFTConfig, model, tokenizer, rows: list[dict], out_dir: st
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    with tempfile.TemporaryDirectory(prefix="sft-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="sft-") as scratch, keep_gradient_state():
         args = trainer_args(TRLSFTConfig, cfg, Path(scratch), bf16 or cfg.bf16, max_length=None, packing=False,
                             padding_free=False, dataset_kwargs={"skip_prepare_dataset": True},
                             disable_tqdm=False)
