@@ -12,32 +12,23 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from rl.tracking import read_metrics
+
 # metrics worth a curve, by stage; others stay in metrics.jsonl
 _CURVES = {
     "sft": ["sft/loss"],
     "progress": ["progress/train_loss", "progress/val_loss"],
-    "rl": ["rl/reward", "rl/success", "rl/kl", "rl/entropy", "rl/value_loss", "eval/success_rate"],
+    "rl": ["reward", "success", "kl_ref", "entropy", "value_loss", "clip_frac"],
+    "eval": ["eval/success_rate", "eval/grounding_accuracy", "eval/mean_turns"],  # during rl
     "dpo": ["dpo/loss", "dpo/rewards/margins"],
 }
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: the rest of the file is still good
-    return rows
 
 
 def _series(rows: list[dict], stage: str) -> dict[str, tuple[list[float], list[float]]]:
     out: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for r in rows:
-        if r.get("stage") != stage:
+        # the eval stage's own rows (policy=...) are a table, not a curve
+        if r.get("stage") != stage or "policy" in r:
             continue
         for k, v in r.items():
             if k in ("stage", "step") or not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -116,9 +107,10 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append("</table>")
         if plot_success(results, plots / "success.png"):
             parts.append('<img src="plots/success.png">')
-    for stage in ("sft", "explore", "progress", "rl", "dpo"):
+    for stage in ("sft", "progress", "rl", "eval", "dpo"):
         if plot_stage(rows, stage, plots / f"{stage}_curves.png"):
-            parts.append(f"<h2>{stage}</h2><img src='plots/{stage}_curves.png'>")
+            title = "held-out evaluation during rl" if stage == "eval" else stage
+            parts.append(f"<h2>{title}</h2><img src='plots/{stage}_curves.png'>")
     if (plots / "credit_heatmap.png").exists():
         parts.append("<h2>Per-step credit (sample trajectories)</h2><img src='plots/credit_heatmap.png'>")
     cfg = run_dir / "config.yaml"

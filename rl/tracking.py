@@ -52,6 +52,7 @@ class Tracker:
                 init_kwargs["wandb"]["name"] = run_name
             accelerator.init_trackers(project, config=_flat_config(config or {}), init_kwargs=init_kwargs)
         self._file = None
+        self._points = 0
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")
@@ -65,9 +66,13 @@ class Tracker:
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._trackers_on:
-            scalars = {f"{stage}/{k}": v for k, v in row.items()
+            scalars = {(k if "/" in k else f"{stage}/{k}"): v for k, v in row.items()
                        if k not in ("stage", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.accelerator.log(scalars, step=int(step))
+            scalars[f"{stage}/step"] = int(step)
+            # wandb drops points whose step goes backwards, and each stage counts from 0: use a
+            # run-wide counter as the tracker step and keep the stage's own step as a metric
+            self.accelerator.log(scalars, step=self._points)
+            self._points += 1
 
     def close(self) -> None:
         if self._file is not None:
@@ -82,5 +87,10 @@ def read_metrics(run_dir, stage: str | None = None) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed run; the rest of the file is good
     return [r for r in rows if stage is None or r.get("stage") == stage]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from rl.config import ConfigError, dump_yaml, load_config
+from rl.config import ConfigError, dump_yaml, load_config, to_dict
 from rl.credit import CreditConfig, ProgressConfig
 from rl.models import ModelConfig
 from rl.rollout import RolloutConfig
@@ -62,6 +62,7 @@ class RunConfig:
     seed: int = 0  # fixes task order, sampling and initialisation
     stages: list[Stage] = field(default_factory=lambda: ["sft", "explore", "progress", "rl", "eval"])
     resume: bool = False  # skip finished stages; continue RL from its last checkpoint
+    num_threads: int = 0  # torch CPU threads per process (0: torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -117,34 +118,24 @@ def build_context(cfg: RunConfig, with_trackers: bool = True) -> Context:
         return first.pop() if first else make_env(cfg.env.name, **cfg.env.options)
 
     backends = list(cfg.tracking.backends) if with_trackers else []
-    accelerator = Accelerator(log_with=backends or None, project_dir=str(cfg.run_dir))
+    import torch
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    # without cpu=True, torchrun-launched CPU processes each believe they are alone (accelerate 1.x)
+    accelerator = Accelerator(log_with=backends or None, project_dir=str(cfg.run_dir),
+                              cpu=not torch.cuda.is_available())
     tracker = None
     if with_trackers:
         from rl.tracking import Tracker
 
         tracker = Tracker(cfg.run_dir, accelerator, backends=backends, project=cfg.tracking.project,
-                          run_name=cfg.name, config=_flat_config(cfg))
+                          run_name=cfg.name, config=to_dict(cfg))
     return Context(cfg, cfg.run_dir, accelerator, tracker, env_factory, tasks)
 
 
 def evaluation_tasks(cfg: RunConfig, ctx: Context) -> list[str]:
     return ctx.tasks[cfg.env.eval_split]
-
-
-def _flat_config(cfg: RunConfig) -> dict[str, Any]:
-    from rl.config import to_dict
-
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = node if isinstance(node, (int, float, str, bool)) else str(node)
-
-    walk("", to_dict(cfg))
-    return out
 
 
 def run(cfg: RunConfig) -> dict[str, float]:
