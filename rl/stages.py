@@ -34,10 +34,17 @@ def _tokenizer(ctx):
     return load_tokenizer(str(sft_dir) if sft_dir.exists() else (ctx.cfg.model.path or ctx.cfg.model.name))
 
 
-def _policy(ctx, path: Path, tokenizer, lora: bool):
-    """Load a stage's policy checkpoint, LoRA-wrapped for training when the recipe asks."""
-    mcfg = ModelConfig(**{**ctx.cfg.model.__dict__, "path": str(path), "lora": lora})
-    return load_model(mcfg, tokenizer)
+def _start_dir(ctx) -> Path | None:
+    """Where later stages start from: the SFT policy when that stage ran, else the recipe's model
+    (envs without demonstrations, e.g. WebShop, skip sft)."""
+    sft_dir = ctx.run_dir / "sft" / "model"
+    return sft_dir if sft_dir.exists() else None
+
+
+def _policy(ctx, path: Path | None, tokenizer, lora: bool):
+    """Load a stage's policy checkpoint (None: the recipe's model), LoRA-wrapped when asked."""
+    overrides = {"lora": lora} if path is None else {"path": str(path), "lora": lora}
+    return load_model(ModelConfig(**{**ctx.cfg.model.__dict__, **overrides}), tokenizer)
 
 
 def _log_fn(ctx, stage: str):
@@ -66,7 +73,7 @@ def run_explore(ctx) -> dict:
     cfg = ctx.cfg
     set_seed(cfg.seed + 1)
     tokenizer = _tokenizer(ctx)
-    model = _policy(ctx, _require(ctx.run_dir / "sft" / "model", "explore", "sft"), tokenizer, lora=False)
+    model = _policy(ctx, _start_dir(ctx), tokenizer, lora=False)
     rollout_cfg = _with_temperature(cfg.rollout, cfg.explore.temperature)
     trajs = collect_rollouts(model, tokenizer, ctx.env_factory, ctx.tasks[cfg.env.train_split], rollout_cfg,
                              group_size=cfg.explore.rollouts_per_task, seed=cfg.seed + 1,
@@ -93,7 +100,7 @@ def run_progress(ctx) -> dict:
     set_seed(cfg.seed + 2)
     trajs = load_trajectories(_require(ctx.run_dir / "explore" / "trajectories", "progress", "explore"))
     tokenizer = _tokenizer(ctx)
-    backbone = _policy(ctx, _require(ctx.run_dir / "sft" / "model", "progress", "sft"), tokenizer, lora=False)
+    backbone = _policy(ctx, _start_dir(ctx), tokenizer, lora=False)
     estimator = fit_progress_estimator(cfg.progress, trajs, tokenizer, backbone, ctx.run_dir / "progress" / "estimator",
                                        accelerator=ctx.accelerator, log_fn=_log_fn(ctx, "progress"))
     sample = trajs[: min(len(trajs), 8)]
@@ -150,10 +157,7 @@ def run_rl(ctx) -> dict:
 
     set_seed(cfg.seed + 3)
     tokenizer = _tokenizer(ctx)
-    sft_dir = ctx.run_dir / "sft" / "model"
-    start = sft_dir if sft_dir.exists() else Path(cfg.model.path or cfg.model.name)
-    policy = _policy(ctx, start, tokenizer, lora=cfg.model.lora) if sft_dir.exists() or cfg.model.path \
-        else load_model(cfg.model, tokenizer)
+    policy = _policy(ctx, _start_dir(ctx), tokenizer, lora=cfg.model.lora)
     rollout_cfg = cfg.rollout
 
     def rollout_fn(model, tasks, seed):
@@ -182,7 +186,7 @@ def run_dpo(ctx) -> dict:
         estimator = load_estimator_for(_require(ctx.run_dir / "progress" / "estimator", "dpo", "progress"),
                                        ctx.accelerator)
         annotate_progress(estimator, tokenizer, trajs, max_length=cfg.progress.max_length)
-    policy = _policy(ctx, _require(ctx.run_dir / "sft" / "model", "dpo", "sft"), tokenizer, lora=cfg.model.lora)
+    policy = _policy(ctx, _start_dir(ctx), tokenizer, lora=cfg.model.lora)
     train_dpo(cfg.dpo, policy, tokenizer, trajs, ctx.run_dir / "dpo" / "model", log_fn=_log_fn(ctx, "dpo"))
     return {}
 
@@ -206,7 +210,7 @@ def run_eval(ctx) -> dict:
     results: dict[str, dict] = {}
     for label, path in candidates.items():
         set_seed(cfg.seed)
-        model = _policy(ctx, path, tokenizer, lora=False) if path else load_model(cfg.model, tokenizer)
+        model = _policy(ctx, path, tokenizer, lora=False)
         metrics, trajs = evaluate(model, tokenizer, ctx.env_factory, ctx.tasks[cfg.env.eval_split], cfg.rollout,
                                   seed=cfg.seed, greedy=cfg.eval.greedy, accelerator=ctx.accelerator,
                                   desc=f"eval {label}")
