@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rl.models import load_tokenizer, tiny_model
+from rl.models import tiny_model
 from rl.trainers.dpo import (DPOStageConfig, first_divergence, fit_prompt, outcome_pairs, step_pairs,
                              train_dpo)
 from rl.trajectory import Step, Trajectory
@@ -101,18 +101,6 @@ def test_step_pairs_require_the_annotation():
         step_pairs([B1, B2], key="q")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny model is too small to gain from threads; on a busy machine they oversubscribe cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
 
 
 def test_fit_prompt_drops_oldest_turns(tok):

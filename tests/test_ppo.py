@@ -15,7 +15,7 @@ import toy_letters as toy  # noqa: E402
 
 from rl import algos  # noqa: E402
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
-from rl.models import load_tokenizer, tiny_model  # noqa: E402
+from rl.models import tiny_model  # noqa: E402
 from rl.tracking import Tracker, read_metrics  # noqa: E402
 from rl.trainers import ppo  # noqa: E402
 from rl.trainers.ppo import PPOConfig, build_batch, train_rl  # noqa: E402
@@ -25,18 +25,6 @@ TASKS = [f"train-{i}" for i in range(16)]
 TIMING = {"tokens_per_s", "rollout_time", "score_time", "update_time"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: threads only contend on a shared CPU (10x slower under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
 
 
 @pytest.fixture(scope="module")

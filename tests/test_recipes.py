@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
 from rl.config import load_config
 from rl.train import RunConfig

@@ -56,18 +56,6 @@ class CountEnv:
         return f"{self.task} obs {self.t}", 0.0, done, info
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny matmuls: OpenMP threads only contend on a shared CPU (10x slower under load)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
 
 
 def _model(tok, seed=0):

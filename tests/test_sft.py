@@ -32,18 +32,6 @@ DEMOS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny model is too small to gain from threads; on a busy machine they oversubscribe cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
 
 
 def test_labels_are_exactly_the_actions(tok):
