@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from accelerate.utils import set_seed
 
 from rl.demos import expert_trajectories
 from rl.eval import episode_metrics, evaluate
-from rl.models import ModelConfig, load_model, load_tokenizer, save_model
+from rl.models import load_model, load_tokenizer, save_model
 from rl.rollout import collect_rollouts
 from rl.trajectory import load_trajectories, save_trajectories
 
@@ -44,7 +45,12 @@ def _start_dir(ctx) -> Path | None:
 def _policy(ctx, path: Path | None, tokenizer, lora: bool):
     """Load a stage's policy checkpoint (None: the recipe's model), LoRA-wrapped when asked."""
     overrides = {"lora": lora} if path is None else {"path": str(path), "lora": lora}
-    return load_model(ModelConfig(**{**ctx.cfg.model.__dict__, **overrides}), tokenizer)
+    return load_model(seeded(replace(ctx.cfg.model, **overrides), ctx.cfg.seed), tokenizer)
+
+
+def seeded(sub_cfg, run_seed: int):
+    """A stage config whose `seed` is offset by the run's seed, so `seed=N` moves every stage."""
+    return replace(sub_cfg, seed=run_seed + sub_cfg.seed)
 
 
 def _log_fn(ctx, stage: str):
@@ -63,8 +69,8 @@ def run_sft(ctx) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         save_trajectories(demos, out / "demos")
     tokenizer = load_tokenizer(cfg.model.path or cfg.model.name)
-    model = load_model(cfg.model, tokenizer)
-    model = train_sft(cfg.sft, model, tokenizer, demos, out / "model", accelerator=ctx.accelerator,
+    model = load_model(seeded(cfg.model, cfg.seed), tokenizer)
+    model = train_sft(seeded(cfg.sft, cfg.seed), model, tokenizer, demos, out / "model", accelerator=ctx.accelerator,
                       log_fn=_log_fn(ctx, "sft"))
     return {}
 
@@ -87,8 +93,6 @@ def run_explore(ctx) -> dict:
 
 
 def _with_temperature(rollout_cfg, temperature: float):
-    from dataclasses import replace
-
     return replace(rollout_cfg, temperature=temperature)
 
 
@@ -101,13 +105,11 @@ def run_progress(ctx) -> dict:
     trajs = load_trajectories(_require(ctx.run_dir / "explore" / "trajectories", "progress", "explore"))
     tokenizer = _tokenizer(ctx)
     backbone = _policy(ctx, _start_dir(ctx), tokenizer, lora=False)
-    estimator = fit_progress_estimator(cfg.progress, trajs, tokenizer, backbone, ctx.run_dir / "progress" / "estimator",
+    estimator = fit_progress_estimator(seeded(cfg.progress, cfg.seed), trajs, tokenizer, backbone, ctx.run_dir / "progress" / "estimator",
                                        accelerator=ctx.accelerator, log_fn=_log_fn(ctx, "progress"))
     sample = trajs[: min(len(trajs), 8)]
     annotate_progress(estimator, tokenizer, sample, max_length=cfg.progress.max_length)
     if ctx.accelerator.is_main_process:
-        from dataclasses import replace
-
         credits = {m: step_rewards(sample, replace(cfg.credit, mode=m)) for m in ("terminal", "spa", "mc")}
         plots = ctx.run_dir / "plots"
         plots.mkdir(parents=True, exist_ok=True)
@@ -165,7 +167,7 @@ def run_rl(ctx) -> dict:
                                 group_size=cfg.rl.group_size, seed=seed, accelerator=ctx.accelerator,
                                 desc="rl rollout")
 
-    policy = train_rl(cfg.rl, policy, tokenizer, rollout_fn, _credit_fn(ctx, tokenizer), _eval_fn(ctx, tokenizer),
+    policy = train_rl(seeded(cfg.rl, cfg.seed), policy, tokenizer, rollout_fn, _credit_fn(ctx, tokenizer), _eval_fn(ctx, tokenizer),
                       run_dir=ctx.run_dir / "rl", accelerator=ctx.accelerator, tracker=ctx.tracker,
                       resume=cfg.resume, tasks=ctx.tasks[cfg.env.train_split])
     if ctx.accelerator.is_main_process:
@@ -187,7 +189,7 @@ def run_dpo(ctx) -> dict:
                                        ctx.accelerator)
         annotate_progress(estimator, tokenizer, trajs, max_length=cfg.progress.max_length)
     policy = _policy(ctx, _start_dir(ctx), tokenizer, lora=cfg.model.lora)
-    train_dpo(cfg.dpo, policy, tokenizer, trajs, ctx.run_dir / "dpo" / "model", log_fn=_log_fn(ctx, "dpo"))
+    train_dpo(seeded(cfg.dpo, cfg.seed), policy, tokenizer, trajs, ctx.run_dir / "dpo" / "model", log_fn=_log_fn(ctx, "dpo"))
     return {}
 
 

@@ -59,7 +59,7 @@ class TrackingConfig:
 class RunConfig:
     name: str = "quickstart"  # run directory name under output_dir
     output_dir: str = "runs"  # parent of run directories
-    seed: int = 0  # fixes task order, sampling and initialisation
+    seed: int = 0  # fixes task order, sampling and initialisation; added to every stage's own seed
     stages: list[Stage] = field(default_factory=lambda: ["sft", "explore", "progress", "rl", "eval"])
     resume: bool = False  # skip finished stages; continue RL from its last checkpoint
     num_threads: int = 0  # torch CPU threads per process (0: torch's default)
