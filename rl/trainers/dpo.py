@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from rl.trainers.sft import LogFn, check_common, finish, keep_gradient_state, metrics_callback, trainer_args
+from rl.trainers.sft import LogFn, check_common, finish, keep_gradient_state, metrics_callback, quiet_progress, trainer_args
 from rl.trajectory import Trajectory, build_messages, validate_trajectory
 
 PAIR_MODES = ("outcome", "step")
@@ -227,6 +227,7 @@ def train_dpo(cfg: DPOStageConfig, model, tokenizer, trajs: Sequence[Trajectory]
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer,
                              callbacks=[metrics_callback(log_fn, "dpo")] if log_fn else None)
+        quiet_progress(trainer)
         trainer.train()
         if out_dir is not None:
             finish(trainer, Path(out_dir))

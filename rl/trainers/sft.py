@@ -111,6 +111,19 @@ def metrics_callback(log_fn: LogFn, prefix: str):
     return _Forward()
 
 
+def quiet_progress(trainer) -> None:
+    """Keep the Trainer's progress bar but not its per-step printout of the log dict: metrics go
+    to metrics.jsonl / the trackers through `metrics_callback` instead."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class _Bar(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_Bar())
+
+
 def check_common(cfg, stage: str) -> None:
     """Fail early, naming the key, on values the Trainer would reject late or misread."""
     for key in ("epochs", "batch_size", "grad_accum_steps", "max_length", "logging_steps"):
@@ -198,6 +211,7 @@ def fit_examples(cfg: SFTConfig, model, tokenizer, rows: list[dict], out_dir: st
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer,
                              callbacks=[metrics_callback(log_fn, "sft")] if log_fn else None)
+        quiet_progress(trainer)
         trainer.train()
         if out_dir is not None:
             finish(trainer, Path(out_dir))
