@@ -270,6 +270,13 @@ def grpo_step_level(step_rewards, values, action_mask, step_ends, group_ids, gam
     return broadcast_step_values(to_go * step_mask, action_mask, ends), torch.zeros_like(values)
 
 
+def step_advantages_given(step_rewards, values, action_mask, step_ends, group_ids, gamma, lam):
+    """The credit function already produced per-step advantages (GiGPO's A^E + w·A^S): every
+    token of step s gets A_{i,s} as it is; no critic, no further normalisation."""
+    ends = pad_step_ends(step_ends).to(step_rewards.device)
+    return broadcast_step_values(step_rewards * (ends >= 0), action_mask, ends), torch.zeros_like(values)
+
+
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
@@ -278,8 +285,9 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
     "grpo": grpo_outcome,  # critic-free, group-normalised episode return
     "grpo_step": grpo_step_level,  # critic-free, group-normalised per-step rewards
     "rloo": rloo_outcome,  # critic-free, leave-one-out baseline
+    "given": step_advantages_given,  # critic-free, the credit mode's per-step advantages (gigpo)
 }
-CRITIC_FREE = frozenset({"grpo", "grpo_step", "rloo"})
+CRITIC_FREE = frozenset({"grpo", "grpo_step", "rloo", "given"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def validate(self) -> None:
+        # GiGPO's credit is already an advantage: it must not go through GAE or group normalisation
+        if "rl" in self.stages and (self.credit.mode == "gigpo") != (self.rl.algo == "gigpo"):
+            raise ValueError(f"credit.mode={self.credit.mode!r} with rl.algo={self.rl.algo!r}: "
+                             "credit.mode=gigpo and rl.algo=gigpo go together")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name

@@ -202,3 +202,13 @@ def test_whitening_and_explained_variance():
     r = torch.tensor([1.0, 2.0, 3.0])
     assert algos.explained_variance(r, r, torch.ones(3)) == pytest.approx(1.0)
     assert algos.explained_variance(torch.zeros(3), r, torch.ones(3)) == pytest.approx(0.0)
+
+
+def test_given_step_advantages_are_broadcast_unchanged():
+    """credit.mode=gigpo hands the trainer advantages: each action token of step s gets A_s."""
+    step_adv = torch.tensor([[0.5, -1.0], [2.0, 7.0]])  # row 1 has one real step; 7.0 is padding
+    mask = torch.tensor([[0, 1, 1, 0, 1], [0, 1, 0, 0, 0]])
+    adv, ret = algos.ADVANTAGE_ESTIMATORS["given"](step_adv, torch.zeros(2, 5), mask, [[2, 4], [1]],
+                                                   torch.tensor([0, 0]), 0.9, 0.5)
+    assert adv.tolist() == [[0.0, 0.5, 0.5, 0.0, -1.0], [0.0, 2.0, 0.0, 0.0, 0.0]]
+    assert "given" in algos.CRITIC_FREE and not ret.any()

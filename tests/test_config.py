@@ -66,3 +66,12 @@ def test_override_values_parse_as_yaml():
     assert parse_overrides(["a.b=[1, 2]", "c=true", "d=hello", "e="]) == [
         ("a.b", [1, 2]), ("c", True), ("d", "hello"), ("e", "")]
     assert build(Outer, {"inner": {"layers": 4}}).inner.layers == [4]
+
+
+def test_gigpo_credit_needs_the_gigpo_algorithm():
+    from rl.train import RunConfig
+
+    with pytest.raises(ConfigError, match="credit.mode=gigpo and rl.algo=gigpo go together"):
+        load_config(RunConfig, None, ["credit.mode=gigpo"])
+    cfg = load_config(RunConfig, None, ["credit.mode=gigpo", "rl.algo=gigpo"])
+    assert cfg.rl.estimator == "given" and not cfg.rl.uses_critic

@@ -56,12 +56,14 @@ _ESTIMATOR = {  # (algo, advantage_level) -> name in algos.ADVANTAGE_ESTIMATORS
     ("ppo", "token"): "gae", ("ppo", "turn"): "gae_turn",
     ("grpo", "token"): "grpo", ("grpo", "turn"): "grpo_step",
     ("rloo", "token"): "rloo", ("rloo", "turn"): "rloo",
+    ("gigpo", "token"): "given", ("gigpo", "turn"): "given",  # credit.mode=gigpo gives advantages
 }
 
 
 @dataclass
 class PPOConfig:
     algo: str = "ppo"  # "ppo" (critic + GAE) | "grpo" (group-normalised) | "rloo" (leave-one-out)
+    #                    | "gigpo" (per-step advantages from credit.mode=gigpo, used as they are)
     iterations: int = 10  # rollout+update iterations
     tasks_per_iter: int = 8  # distinct train tasks per iteration
     group_size: int = 4  # rollouts per task (GRPO/RLOO groups; PPO just gets more data)
@@ -90,7 +92,7 @@ class PPOConfig:
     seed: int = 0  # fixes task order, sampling seeds and minibatch order per iteration
 
     def __post_init__(self):
-        allowed = {"algo": ("ppo", "grpo", "rloo"), "advantage_level": ("token", "turn"),
+        allowed = {"algo": ("ppo", "grpo", "rloo", "gigpo"), "advantage_level": ("token", "turn"),
                    "critic": ("shared", "separate"), "kl_estimator": tuple(algos.KL_ESTIMATORS)}
         for key, values in allowed.items():
             if getattr(self, key) not in values:
