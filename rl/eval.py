@@ -46,25 +46,27 @@ def evaluate(model, tokenizer, env_factory: Callable, tasks: list[str], rollout_
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rl.train import RunConfig, build_context, evaluation_tasks
+    from dataclasses import replace
 
+    from envs import EnvError
     from rl.config import ConfigError, load_config
-    from rl.models import ModelConfig, load_model, load_tokenizer
+    from rl.models import load_model, load_tokenizer
+    from rl.train import RunConfig, build_context, evaluation_tasks
 
     parser = argparse.ArgumentParser(prog="python -m rl.eval", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("--checkpoint", required=True, help="policy dir or model name")
     parser.add_argument("--split", default=None, help="env split (default: the recipe's env.eval_split)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value recipe overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(RunConfig, args.recipe, args.overrides)
         if args.split:
             cfg.env.eval_split = args.split
         ctx = build_context(cfg, with_trackers=False)
-        tokenizer = load_tokenizer(args.checkpoint if args.checkpoint not in ("tiny",) else cfg.model.name)
-        model = load_model(ModelConfig(**{**cfg.model.__dict__, "path": args.checkpoint, "lora": False}), tokenizer)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+        tokenizer = load_tokenizer(args.checkpoint)
+        model = load_model(replace(cfg.model, path=args.checkpoint, lora=False), tokenizer)
+    except (ConfigError, EnvError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics, _ = evaluate(model, tokenizer, ctx.env_factory, evaluation_tasks(cfg, ctx), cfg.rollout,

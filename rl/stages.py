@@ -63,7 +63,8 @@ def run_sft(ctx) -> dict:
 
     set_seed(cfg.seed)
     env = ctx.env_factory()
-    demos = expert_trajectories(env, ctx.tasks[cfg.env.train_split])
+    tasks = ctx.tasks[cfg.env.train_split]
+    demos = expert_trajectories(env, tasks[: cfg.env.num_demo_tasks or len(tasks)])
     out = ctx.run_dir / "sft"
     if ctx.accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

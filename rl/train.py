@@ -34,6 +34,7 @@ class EnvConfig:
     train_split: str = "train"  # tasks for sft, explore and rl
     eval_split: str = "test"  # held-out tasks for eval
     num_train_tasks: int = 0  # use the first N train tasks (0: all)
+    num_demo_tasks: int = 0  # sft clones the expert on the first N of those tasks (0: all of them)
 
 
 @dataclass

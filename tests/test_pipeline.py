@@ -34,7 +34,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_every_stage_runs_and_writes_its_artifacts(tmp_path):
+def test_every_stage_runs_and_writes_its_artifacts(tmp_path, capsys):
     from rl.config import load_config
     from rl.train import RunConfig, run
 
@@ -60,6 +60,15 @@ def test_every_stage_runs_and_writes_its_artifacts(tmp_path):
     assert results["eval/episodes"] == 4
     assert [r["step"] for r in rows if r["stage"] == "rl"] == [1, 2]
     assert all("reward" in r and "kl_ref" in r for r in rows if r["stage"] == "rl")
+
+    # the eval CLI on the final checkpoint reproduces the eval stage's numbers
+    from rl.eval import main as eval_main
+
+    assert eval_main([str(ROOT / "recipes" / "quickstart.yaml"), "--checkpoint", str(run_dir / "rl" / "model"),
+                      *TINY, f"output_dir={tmp_path}", "name=e2e"]) == 0
+    out = capsys.readouterr().out
+    printed = json.loads(out[out.rindex("\n{") + 1:])
+    assert printed["eval/success_rate"] == results["eval/success_rate"]
 
     # a stage re-runs alone from the artifacts on disk; resume skips finished stages
     cfg.stages, cfg.resume = ["eval"], False
