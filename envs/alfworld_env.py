@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from envs.base import EnvError, register
+from envs.base import EnvError, first_command_line, register
 
 SPLIT_DIRS = {"train": "train", "dev": "valid_seen", "test": "valid_unseen"}
 TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
@@ -46,12 +46,8 @@ def parse_action(reply: str) -> str | None:
     """First non-empty line, minus an 'Action:'/'>' prefix and surrounding quotes/punctuation,
     lower-cased with single spaces; ReAct-style 'put X in/on Y' becomes ALFWorld's 'move X to Y'.
     None unless it starts with a known verb."""
-    for line in reply.strip().splitlines():
-        text = line.strip().lower()
-        if not text:
-            continue
-        text = re.sub(r"^(action\s*:|>)\s*", "", text)
-        text = re.sub(r"\s+", " ", text.strip(" .!,;:'\"`*"))
+    text = first_command_line(reply)
+    if text:
         text = re.sub(r"^put (.+?) (?:in|on|in/on|into|onto) (.+)$", r"move \1 to \2", text)
         return text if _VERB_RE.match(text) else None
     return None

@@ -24,6 +24,7 @@ Registration is by name: `@register("keydoor")` on a class, or a recipe may name
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Any, Callable, Protocol, runtime_checkable
 
 SPLITS = ("train", "dev", "test")
@@ -40,6 +41,21 @@ class TextEnv(Protocol):
     def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]: ...
 
     def parse_action(self, reply: str) -> str | None: ...
+
+
+_REPLY_PREFIX = re.compile(r"^(action\s*:|>)\s*")
+
+
+def first_command_line(reply: str) -> str | None:
+    """The shared first half of every env's `parse_action`: the first non-empty line of a model
+    reply, minus an 'Action:' or '>' prefix and quotes/punctuation at its ends, lower-cased with
+    single spaces; None when the reply has no such line. Each env then checks its own grammar."""
+    for line in (reply or "").splitlines():
+        text = _REPLY_PREFIX.sub("", line.strip().lower())
+        text = " ".join(text.strip(" \t.,;:!?'\"`*").split())
+        if text:
+            return text
+    return None
 
 
 class EnvError(RuntimeError):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 import re
 
-from envs.base import EnvError, register
+from envs.base import EnvError, first_command_line, register
 
 ACTIONS = ("go north", "go south", "go east", "go west", "take key", "drop key", "open door")
 _MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
@@ -31,14 +31,8 @@ _ACTION_RE = re.compile(r"^(go|take|drop|open)\s+[a-z]+$")
 def parse_action(reply: str) -> str | None:
     """First non-empty line, minus an optional 'Action:' prefix, lower-cased; None if it is not
     of the form '<verb> <word>' with a known verb."""
-    for line in reply.strip().splitlines():
-        text = line.strip().lower()
-        if not text:
-            continue
-        text = re.sub(r"^action\s*:\s*", "", text)
-        text = re.sub(r"\s+", " ", text.strip(" .!,;:'\"`"))
-        return text if _ACTION_RE.match(text) else None
-    return None
+    text = first_command_line(reply)
+    return text if text and _ACTION_RE.match(text) else None
 
 
 def _describe(name: str, dr: int, dc: int) -> str:

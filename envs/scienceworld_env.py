@@ -27,7 +27,7 @@ import random
 import re
 from typing import Any
 
-from envs.base import EnvError, register
+from envs.base import EnvError, first_command_line, register
 
 DEFAULT_TASKS = ("find-living-thing", "find-non-living-thing", "find-plant", "find-animal")
 # Command verbs the engine knows (from `get_possible_actions()` plus the electrical ones);
@@ -43,14 +43,8 @@ _AMBIGUOUS = "Ambiguous request"
 def parse_action(reply: str) -> str | None:
     """First non-empty line of the reply, minus an optional 'Action:' prefix and surrounding
     quotes/punctuation, lower-cased with single spaces; None unless it starts with a known verb."""
-    for line in reply.strip().splitlines():
-        text = line.strip().lower()
-        if not text:
-            continue
-        text = re.sub(r"^(action|>)\s*:?\s*", "", text)
-        text = re.sub(r"\s+", " ", text.strip(" .!,;:'\"`*"))
-        return text if _VERB_RE.match(text) else None
-    return None
+    text = first_command_line(reply)
+    return text if text and _VERB_RE.match(text) else None
 
 
 def normalise(text: str) -> str:
