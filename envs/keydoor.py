@@ -12,12 +12,20 @@ the final `score` is the progress reached (1 when won, 0.5 when the episode ends
 so the outcome is exactly the sum of the true per-step increments and they can be identified from
 outcomes alone (were the score 1-if-won, `take key` and `open door` could not be told apart).
 
-Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions),
-drawn without replacement from one seeded stream, so train/dev/test never share a layout.
+With `doors=2` (or more) there are several coloured doors and only one of them opens; the
+observation does not say which. The oracle knows (like ALFWorld's expert knows where the object
+lies), so behaviour cloning cannot learn which door to try first, and its demos never show what to
+do after trying a door that does not open (the door is then described as jammed). Recovering from
+that is left to reinforcement learning: the imitation gap the quickstart measures.
+
+Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions, and
+which door opens), drawn without replacement from one seeded stream, so train/dev/test never
+share a layout.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 
@@ -26,6 +34,7 @@ from envs.base import EnvError, first_command_line, register
 ACTIONS = ("go north", "go south", "go east", "go west", "take key", "drop key", "open door")
 _MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 _ACTION_RE = re.compile(r"^(go|take|drop|open)\s+[a-z]+$")
+_COLOURS = ("red", "blue", "green", "yellow")
 
 
 def parse_action(reply: str) -> str | None:
@@ -48,8 +57,9 @@ def _describe(name: str, dr: int, dc: int) -> str:
 
 @register("keydoor")
 class KeyDoorEnv:
-    """Options: `size` (grid side, >= 2), `max_steps` (default 4*size+2), `num_train_tasks`,
-    `num_dev_tasks`, `num_test_tasks`, `seed` (fixes the layouts)."""
+    """Options: `size` (grid side, >= 2), `doors` (1..4; with more than one, only one opens and
+    the agent is not told which), `max_steps` (default 4*size+2, plus 2*size per extra door),
+    `num_train_tasks`, `num_dev_tasks`, `num_test_tasks`, `seed` (fixes the layouts)."""
 
     system_prompt = (
         "You are an agent in a grid of rooms. Find the key, take it, walk to the door and open it. "
@@ -57,22 +67,32 @@ class KeyDoorEnv:
         "drop key, open door."
     )
 
-    def __init__(self, size: int = 3, max_steps: int | None = None, num_train_tasks: int = 64,
+    def __init__(self, size: int = 3, doors: int = 1, max_steps: int | None = None, num_train_tasks: int = 64,
                  num_dev_tasks: int = 16, num_test_tasks: int = 32, seed: int = 0):
         if size < 2:
             raise EnvError(f"env.size={size}: must be >= 2")
-        n_layouts = size**2 * (size**2 - 1) * (size**2 - 2)
+        if not 1 <= doors <= len(_COLOURS) or doors + 2 > size**2:
+            raise EnvError(f"env.doors={doors}: must be in 1..{min(len(_COLOURS), size**2 - 2)} for size={size}")
+        n_layouts = doors * math.perm(size**2, 2 + doors)
         wanted = num_train_tasks + num_dev_tasks + num_test_tasks
         if wanted > n_layouts:
             raise EnvError(f"keydoor size={size} has only {n_layouts} layouts, {wanted} tasks asked")
         self.size = size
-        self.max_steps = max_steps or 4 * size + 2
+        self.doors = doors
+        self.max_steps = max_steps or 4 * size + 2 + 2 * size * (doors - 1)
+        if doors > 1:
+            self.system_prompt = (
+                f"You are an agent in a grid of rooms. Find the key, take it, walk to a door and open it. "
+                f"There are {doors} doors and only one of them opens. Reply with exactly one action per turn: "
+                "go north, go south, go east, go west, take key, drop key, open door.")
         cells = [(r, c) for r in range(size) for c in range(size)]
         rng = random.Random(seed)
         seen: set[tuple] = set()
         layouts: list[tuple] = []
         while len(layouts) < wanted:
-            layout = tuple(rng.sample(cells, 3))  # agent, key, door
+            layout = tuple(rng.sample(cells, 2 + doors))  # agent, key, door(s)
+            if doors > 1:
+                layout += (rng.randrange(doors),)  # which door opens
             if layout not in seen:
                 seen.add(layout)
                 layouts.append(layout)
@@ -94,11 +114,17 @@ class KeyDoorEnv:
     def parse_action(self, reply: str) -> str | None:
         return parse_action(reply)
 
+    def _door_name(self, i: int) -> str:
+        if self.doors == 1:
+            return "door"
+        return f"{_COLOURS[i]} door" + (" (jammed)" if i in self.jammed else "")
+
     def _observe(self) -> str:
+        doors = " ".join(_describe(self._door_name(i), d[0] - self.pos[0], d[1] - self.pos[1])
+                         for i, d in enumerate(self.door_cells))
         if self.has_key:
-            return "You hold the key. " + _describe("door", self.door[0] - self.pos[0], self.door[1] - self.pos[1])
-        return _describe("key", self.key[0] - self.pos[0], self.key[1] - self.pos[1]) + " " + _describe(
-            "door", self.door[0] - self.pos[0], self.door[1] - self.pos[1])
+            return "You hold the key. " + doors
+        return _describe("key", self.key[0] - self.pos[0], self.key[1] - self.pos[1]) + " " + doors
 
     def _info(self, valid: bool) -> dict:
         progress = 1.0 if self.won else (0.5 if self.has_key else 0.0)
@@ -108,7 +134,11 @@ class KeyDoorEnv:
         if task not in self._layouts:
             raise EnvError(f"keydoor has no task {task!r}")
         self._task = task
-        self.pos, self.key, self.door = self._layouts[task]
+        layout = self._layouts[task]
+        self.pos, self.key = layout[0], layout[1]
+        self.door_cells = layout[2:2 + self.doors]
+        self.door = self.door_cells[layout[-1] if self.doors > 1 else 0]  # the one that opens
+        self.jammed: set[int] = set()
         self.has_key, self.won, self.steps = False, False, 0
         return self._observe(), self._info(True)
 
@@ -139,11 +169,18 @@ class KeyDoorEnv:
             else:
                 reason = "you do not hold the key"
         elif action == "open door":
+            here = self.door_cells.index(self.pos) if self.pos in self.door_cells else None
             if self.has_key and self.pos == self.door:
                 self.won = True
                 msg = "You opened the door. You won."
+            elif self.has_key and here is not None and here not in self.jammed:
+                # a legitimate try that reveals information: valid, but no progress
+                self.jammed.add(here)
+                msg = f"The {_COLOURS[here]} door does not open: it is jammed."
+            elif not self.has_key:
+                reason = "you do not hold the key"
             else:
-                reason = "you do not hold the key" if not self.has_key else "the door is not here"
+                reason = "the door is not here" if here is None else f"the {_COLOURS[here]} door is jammed"
         else:
             reason = f"{action!r} is not a valid action"
         valid = msg is not None
@@ -152,8 +189,11 @@ class KeyDoorEnv:
         return obs, 1.0 if self.won else 0.0, done, self._info(valid)
 
     def expert_actions(self, task: str) -> list[str]:
-        """The oracle: walk to the key (rows first), take it, walk to the door, open it."""
-        pos, key, door = self._layouts[task]
+        """The oracle: walk to the key (rows first), take it, walk to the door that opens (it knows
+        which), open it."""
+        layout = self._layouts[task]
+        pos, key = layout[0], layout[1]
+        door = layout[2 + (layout[-1] if self.doors > 1 else 0)]
         actions: list[str] = []
         for target, finish in ((key, "take key"), (door, "open door")):
             dr, dc = target[0] - pos[0], target[1] - pos[1]

@@ -101,3 +101,50 @@ def test_bad_options_fail_early():
 def test_user_env_by_module_path():
     env = make_env("envs.keydoor:KeyDoorEnv", size=2, num_train_tasks=3, num_dev_tasks=0, num_test_tasks=1)
     assert env.tasks("test") == ["test-0"]
+
+
+def _walk(env, target):
+    """Moves from env.pos to target (rows first), as the oracle walks."""
+    dr, dc = target[0] - env.pos[0], target[1] - env.pos[1]
+    return ["go south" if dr > 0 else "go north"] * abs(dr) + ["go east" if dc > 0 else "go west"] * abs(dc)
+
+
+def test_two_doors_only_one_opens_and_the_oracle_knows_which():
+    env = make_env("keydoor", size=3, doors=2, num_train_tasks=30, num_dev_tasks=0, num_test_tasks=10)
+    assert env.max_steps == 4 * 3 + 2 + 2 * 3
+    assert "2 doors and only one of them opens" in env.system_prompt
+    check_env(env, "train", max_tasks=30)
+    opens = {env._layouts[t][-1] for t in env.tasks("train")}
+    assert opens == {0, 1}  # both doors are the right one in some layouts
+    obs, _ = env.reset("train-0")
+    assert "The red door" in obs and "The blue door" in obs and "(jammed)" not in obs
+
+    # the wrong door first: a valid try that jams it, no progress; trying it again is invalid
+    env.reset("train-0")
+    wrong = env.door_cells[1 - env.door_cells.index(env.door)]
+    wrong_colour = "red" if env.door_cells.index(wrong) == 0 else "blue"
+    for a in _walk(env, env.key) + ["take key"]:
+        env.step(a)
+    for a in _walk(env, wrong):
+        env.step(a)
+    obs, reward, done, info = env.step("open door")
+    assert info["valid"] and not done and reward == 0.0 and info["progress"] == 0.5
+    assert obs.startswith(f"The {wrong_colour} door does not open: it is jammed.")
+    assert f"The {wrong_colour} door (jammed) is here." in obs
+    obs, _, done, info = env.step("open door")
+    assert not info["valid"] and not done and f"the {wrong_colour} door is jammed" in obs
+    for a in _walk(env, env.door):  # recovery: the other door opens
+        env.step(a)
+    _, reward, done, info = env.step("open door")
+    assert done and info["won"] and reward == 1.0 and info["score"] == 1.0
+
+
+def test_two_doors_layout_count_and_bad_door_counts():
+    with pytest.raises(EnvError, match="doors=5"):
+        make_env("keydoor", size=3, doors=5)
+    with pytest.raises(EnvError, match="doors=3"):
+        make_env("keydoor", size=2, doors=3)
+    env = make_env("keydoor", size=2, doors=2, num_train_tasks=48, num_dev_tasks=0, num_test_tasks=0)
+    assert len({env._layouts[t] for t in env.tasks("train")}) == 48  # 2 * 4! distinct layouts, all used
+    with pytest.raises(EnvError, match="only 48 layouts"):
+        make_env("keydoor", size=2, doors=2, num_train_tasks=49, num_dev_tasks=0, num_test_tasks=0)
