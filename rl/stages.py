@@ -106,8 +106,17 @@ def run_progress(ctx) -> dict:
     trajs = load_trajectories(_require(ctx.run_dir / "explore" / "trajectories", "progress", "explore"))
     tokenizer = _tokenizer(ctx)
     backbone = _policy(ctx, _start_dir(ctx), tokenizer, lora=False)
+    last: dict = {}
+    log_progress = _log_fn(ctx, "progress")
+
+    def log_fn(metrics, step):
+        last.update(metrics)
+        log_progress(metrics, step)
+
     estimator = fit_progress_estimator(seeded(cfg.progress, cfg.seed), trajs, tokenizer, backbone, ctx.run_dir / "progress" / "estimator",
-                                       accelerator=ctx.accelerator, log_fn=_log_fn(ctx, "progress"))
+                                       accelerator=ctx.accelerator, log_fn=log_fn)
+    ctx.accelerator.print(f"[progress] best val loss {last['progress/best_val_loss']:.4f} (predicting the mean outcome: "
+                          f"{last['progress/val_loss_constant']:.4f}), credit CV {last['progress/credit_cv']:.2f}")
     sample = trajs[: min(len(trajs), 8)]
     annotate_progress(estimator, tokenizer, sample, max_length=cfg.progress.max_length)
     if ctx.accelerator.is_main_process:

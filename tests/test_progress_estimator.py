@@ -92,7 +92,14 @@ def test_fit_saves_best_atomically_and_reloads(tok, tmp_path):
     cfg = ProgressConfig(lr=1e-3, head_lr=1e-2, epochs=3, batch_size=4, val_fraction=0.25, patience=3)
     est = fit_progress_estimator(cfg, trajs, tok, tiny_model(tok), tmp_path / "est",
                                  log_fn=lambda m, step: logged.append(m))
-    assert [m["progress/epoch"] for m in logged] == [0, 1, 2]
+    assert [m["progress/epoch"] for m in logged[:3]] == [0, 1, 2]
+    summary = logged[3]  # after the epochs: best loss, the constant predictor's loss, credit spread
+    val_ids = _val_ids(len(trajs), 0.25, 0)
+    train_mean = np.mean([t.outcome for t in trajs if t.traj_id not in val_ids])
+    constant = np.mean([(train_mean - t.outcome) ** 2 for t in trajs if t.traj_id in val_ids])
+    assert summary["progress/val_loss_constant"] == pytest.approx(constant)
+    assert all(m["progress/val_loss_constant"] == pytest.approx(constant) for m in logged[:3])
+    assert summary["progress/best_val_loss"] == min(m["progress/val_loss"] for m in logged[:3])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["est"]  # no .tmp / .old left behind
     assert (tmp_path / "est" / "head.safetensors").exists() and (tmp_path / "est" / "backbone" / "config.json").exists()
     assert json.loads((tmp_path / "est" / "estimator.json").read_text())["hidden_size"] == 64
@@ -102,11 +109,21 @@ def test_fit_saves_best_atomically_and_reloads(tok, tmp_path):
     annotate_progress(loaded, tok, [b])
     assert a.annotations["progress"] == pytest.approx(b.annotations["progress"], abs=1e-6)
     # the returned weights are those of the best validation epoch: re-evaluating gives its loss
-    best = min(m["progress/val_loss"] for m in logged)
-    val = [t for t in trajs if t.traj_id in _val_ids(len(trajs), 0.25, 0)]
+    best = min(m["progress/val_loss"] for m in logged[:3])
+    val = [t for t in trajs if t.traj_id in val_ids]
     annotate_progress(est, tok, val)
     mse = np.mean([(sum(t.annotations["progress"]) - t.outcome) ** 2 for t in val])
     assert mse == pytest.approx(best, rel=1e-4, abs=1e-6)
+    c = np.concatenate([t.annotations["progress"] for t in val])
+    assert summary["progress/credit_cv"] == pytest.approx(c.std() / abs(c.mean()), rel=1e-4)
+
+
+def test_credit_cv_and_constant_baseline_by_hand():
+    from rl.credit.progress import constant_baseline_loss, credit_cv
+
+    assert credit_cv([0.1, 0.1, 0.1]) == pytest.approx(0.0)  # uniform credit
+    assert credit_cv([0.0, 0.5, 0.0, 0.5]) == pytest.approx(1.0)  # mean 0.25, std 0.25
+    assert constant_baseline_loss([0.0, 1.0], [1.0, 0.5]) == pytest.approx((0.25 + 0.0) / 2)
 
 
 def _val_ids(n, frac, seed):
@@ -121,7 +138,7 @@ def test_early_stopping_after_patience(tok, tmp_path):
     cfg = ProgressConfig(lr=0.0, head_lr=0.0, epochs=10, batch_size=4, val_fraction=0.25, patience=2)
     fit_progress_estimator(cfg, trajs, tok, tiny_model(tok), tmp_path / "est", log_fn=lambda m, s: logged.append(m))
     # nothing can improve with lr = 0: epoch 0 is best, then `patience` stale epochs end the fit
-    assert len(logged) == 3
+    assert len([m for m in logged if "progress/epoch" in m]) == 3
 
 
 def test_lora_fit_and_reload(tok, tmp_path):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -205,6 +206,33 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+def constant_baseline_loss(train_outcomes: Sequence[float], val_outcomes: Sequence[float]) -> float:
+    """The SPA loss of an estimator that ignores the trajectory and predicts the mean training
+    outcome: mean_val (mean_train R - R)^2. An estimator near it has learnt nothing usable."""
+    mean = float(np.mean(train_outcomes))
+    return float(np.mean([(mean - r) ** 2 for r in val_outcomes]))
+
+
+def credit_cv(step_credits: Sequence[float]) -> float:
+    """Coefficient of variation std(c)/|mean(c)| over all steps. Near 0: every step gets about the
+    same credit, so SPA degenerates to a spread-out outcome, and (c_t > 0 on average) a longer
+    episode collects more reward. Credit concentrated on a few steps gives values well above 1."""
+    c = np.asarray(step_credits, dtype=float)
+    return float(c.std() / max(abs(c.mean()), 1e-8)) if c.size else float("nan")
+
+
+def _step_credits(model, loader, accelerator) -> list[float]:
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in loader:
+            c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
+            c = accelerator.gather_for_metrics(torch.where(batch["step_ends"] >= 0, c, torch.full_like(c, float("nan"))))
+            out += [v for v in c.flatten().tolist() if v == v]
+    model.train()
+    return out
+
+
 def _mean_loss(model, loader, accelerator) -> float:
     """Mean over the loader's trajectories of (sum_t c_t - R)^2, gathered across processes."""
     model.eval()
@@ -259,6 +287,8 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
     if val_idx:
         val_loader = accelerator.prepare(val_loader)
     main = accelerator.is_main_process
+    outcomes = [items[i]["outcome"] for i in train_idx]
+    constant = constant_baseline_loss(outcomes, [items[i]["outcome"] for i in val_idx] or outcomes)
     best, best_state, stale, step = math.inf, None, 0, 0
     for epoch in range(cfg.epochs):
         model.train()
@@ -276,7 +306,7 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
         val_loss = _mean_loss(model, val_loader, accelerator) if val_idx else train_loss
         if log_fn is not None:
             log_fn({"progress/train_loss": train_loss, "progress/val_loss": val_loss, "progress/epoch": epoch,
-                    "progress/left_out_too_long": n_cut}, step)
+                    "progress/val_loss_constant": constant, "progress/left_out_too_long": n_cut}, step)
         if val_loss < best:
             best, stale = val_loss, 0
             unwrapped = accelerator.unwrap_model(model)
@@ -290,6 +320,14 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
                 break
     estimator = accelerator.unwrap_model(model)
     estimator.load_state_dict(best_state, strict=False)
+    cv = credit_cv(_step_credits(model, val_loader if val_idx else train_loader, accelerator))
+    if log_fn is not None:
+        log_fn({"progress/best_val_loss": best, "progress/val_loss_constant": constant, "progress/credit_cv": cv}, step)
+    if main and (best > 0.8 * constant or cv < 0.5):
+        log.warning("progress: weak estimator (best val loss %.4f vs %.4f for predicting the mean outcome; credit "
+                    "CV %.2f): SPA credit will be close to a uniform spread of the outcome, which favours long "
+                    "episodes; consider more epochs, a higher progress.lr, or credit.spa_add_outcome=true",
+                    best, constant, cv)
     return estimator.eval()
 
 
