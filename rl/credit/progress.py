@@ -227,7 +227,9 @@ def _step_credits(model, loader, accelerator) -> list[float]:
     with torch.no_grad():
         for batch in loader:
             c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
-            c = accelerator.gather_for_metrics(torch.where(batch["step_ends"] >= 0, c, torch.full_like(c, float("nan"))))
+            c = torch.where(batch["step_ends"] >= 0, c, torch.full_like(c, float("nan")))
+            # ranks' batches can hold different step counts: pad to a common width before gathering
+            c = accelerator.gather_for_metrics(accelerator.pad_across_processes(c, dim=1, pad_index=float("nan")))
             out += [v for v in c.flatten().tolist() if v == v]
     model.train()
     return out
