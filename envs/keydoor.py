@@ -16,7 +16,7 @@ With `doors=2` (or more) there are several coloured doors and only one of them o
 observation does not say which. The oracle knows (like ALFWorld's expert knows where the object
 lies), so behaviour cloning cannot learn which door to try first, and its demos never show what to
 do after trying a door that does not open (the door is then described as jammed). Recovering from
-that is left to reinforcement learning: the imitation gap the quickstart measures.
+that is left to reinforcement learning (an imitation gap; README, quickstart status).
 
 Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions, and
 which door opens), drawn without replacement from one seeded stream, so train/dev/test never
@@ -35,6 +35,8 @@ ACTIONS = ("go north", "go south", "go east", "go west", "take key", "drop key",
 _MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 _ACTION_RE = re.compile(r"^(go|take|drop|open)\s+[a-z]+$")
 _COLOURS = ("red", "blue", "green", "yellow")
+_PROMPT = ("You are an agent in a grid of rooms. Find the key, take it, {goal}Reply with exactly one action per "
+           "turn: go north, go south, go east, go west, take key, drop key, open door.")
 
 
 def parse_action(reply: str) -> str | None:
@@ -42,6 +44,12 @@ def parse_action(reply: str) -> str | None:
     of the form '<verb> <word>' with a known verb."""
     text = first_command_line(reply)
     return text if text and _ACTION_RE.match(text) else None
+
+
+def walk(pos: tuple[int, int], target: tuple[int, int]) -> list[str]:
+    """The oracle's moves from pos to target: rows first, then columns."""
+    dr, dc = target[0] - pos[0], target[1] - pos[1]
+    return ["go south" if dr > 0 else "go north"] * abs(dr) + ["go east" if dc > 0 else "go west"] * abs(dc)
 
 
 def _describe(name: str, dr: int, dc: int) -> str:
@@ -61,11 +69,7 @@ class KeyDoorEnv:
     the agent is not told which), `max_steps` (default 4*size+2, plus 2*size per extra door),
     `num_train_tasks`, `num_dev_tasks`, `num_test_tasks`, `seed` (fixes the layouts)."""
 
-    system_prompt = (
-        "You are an agent in a grid of rooms. Find the key, take it, walk to the door and open it. "
-        "Reply with exactly one action per turn: go north, go south, go east, go west, take key, "
-        "drop key, open door."
-    )
+    system_prompt = _PROMPT.format(goal="walk to the door and open it. ")
 
     def __init__(self, size: int = 3, doors: int = 1, max_steps: int | None = None, num_train_tasks: int = 64,
                  num_dev_tasks: int = 16, num_test_tasks: int = 32, seed: int = 0):
@@ -81,10 +85,8 @@ class KeyDoorEnv:
         self.doors = doors
         self.max_steps = max_steps or 4 * size + 2 + 2 * size * (doors - 1)
         if doors > 1:
-            self.system_prompt = (
-                f"You are an agent in a grid of rooms. Find the key, take it, walk to a door and open it. "
-                f"There are {doors} doors and only one of them opens. Reply with exactly one action per turn: "
-                "go north, go south, go east, go west, take key, drop key, open door.")
+            self.system_prompt = _PROMPT.format(
+                goal=f"walk to a door and open it. There are {doors} doors and only one of them opens. ")
         cells = [(r, c) for r in range(size) for c in range(size)]
         rng = random.Random(seed)
         seen: set[tuple] = set()
@@ -196,10 +198,7 @@ class KeyDoorEnv:
         door = layout[2 + (layout[-1] if self.doors > 1 else 0)]
         actions: list[str] = []
         for target, finish in ((key, "take key"), (door, "open door")):
-            dr, dc = target[0] - pos[0], target[1] - pos[1]
-            actions += ["go south" if dr > 0 else "go north"] * abs(dr)
-            actions += ["go east" if dc > 0 else "go west"] * abs(dc)
-            actions.append(finish)
+            actions += walk(pos, target) + [finish]
             pos = target
         return actions
 

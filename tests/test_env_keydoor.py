@@ -3,7 +3,7 @@ import random
 import pytest
 
 from envs import EnvError, check_env, make_env, registered_names
-from envs.keydoor import ACTIONS, parse_action
+from envs.keydoor import ACTIONS, parse_action, walk
 
 
 @pytest.fixture
@@ -103,12 +103,6 @@ def test_user_env_by_module_path():
     assert env.tasks("test") == ["test-0"]
 
 
-def _walk(env, target):
-    """Moves from env.pos to target (rows first), as the oracle walks."""
-    dr, dc = target[0] - env.pos[0], target[1] - env.pos[1]
-    return ["go south" if dr > 0 else "go north"] * abs(dr) + ["go east" if dc > 0 else "go west"] * abs(dc)
-
-
 def test_two_doors_only_one_opens_and_the_oracle_knows_which():
     env = make_env("keydoor", size=3, doors=2, num_train_tasks=30, num_dev_tasks=0, num_test_tasks=10)
     assert env.max_steps == 4 * 3 + 2 + 2 * 3
@@ -123,9 +117,9 @@ def test_two_doors_only_one_opens_and_the_oracle_knows_which():
     env.reset("train-0")
     wrong = env.door_cells[1 - env.door_cells.index(env.door)]
     wrong_colour = "red" if env.door_cells.index(wrong) == 0 else "blue"
-    for a in _walk(env, env.key) + ["take key"]:
+    for a in walk(env.pos, env.key) + ["take key"]:
         env.step(a)
-    for a in _walk(env, wrong):
+    for a in walk(env.pos, wrong):
         env.step(a)
     obs, reward, done, info = env.step("open door")
     assert info["valid"] and not done and reward == 0.0 and info["progress"] == 0.5
@@ -133,7 +127,7 @@ def test_two_doors_only_one_opens_and_the_oracle_knows_which():
     assert f"The {wrong_colour} door (jammed) is here." in obs
     obs, _, done, info = env.step("open door")
     assert not info["valid"] and not done and f"the {wrong_colour} door is jammed" in obs
-    for a in _walk(env, env.door):  # recovery: the other door opens
+    for a in walk(env.pos, env.door):  # recovery: the other door opens
         env.step(a)
     _, reward, done, info = env.step("open door")
     assert done and info["won"] and reward == 1.0 and info["score"] == 1.0
