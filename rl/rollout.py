@@ -35,7 +35,7 @@ INVALID_REPLY = "Your reply is not a valid action. "  # prefixed to the repeated
 class RolloutConfig:
     max_turns: int = 10  # replies per episode (valid or not) before it is cut (truncated)
     max_new_tokens: int = 32  # generation budget per reply
-    temperature: float = 1.0  # sampling temperature (0 or greedy=True: argmax)
+    temperature: float = 1.0  # sampling temperature (0 or greedy=True: argmax); RL log-probs use it too
     top_p: float = 1.0  # nucleus sampling mass (1: off)
     top_k: int = 0  # top-k sampling (0: off)
     stop_strings: list[str] = field(default_factory=list)  # a reply ends before the first of these

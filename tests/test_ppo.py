@@ -131,6 +131,29 @@ def test_lora_reference_is_the_base_model_without_a_copy(tok, tmp_path, monkeypa
     assert rows[1]["kl_ref"] > 0  # a real reference: the adapter moved the policy away from it
 
 
+def test_log_probs_are_taken_at_the_sampling_temperature(warm_model, tok):
+    acc = Accelerator(cpu=True)
+    model = copy.deepcopy(warm_model)
+    wrapped = acc.prepare(ppo.PolicyWithValue(model, None))
+    traj = Trajectory(0, "t", [Step("Pick a letter.", "A", True), Step("Pick a letter.", "C", True)], 0.5,
+                      False, system_prompt="Reply with one letter.")
+    batch = build_batch(tok, [traj], [[0.0, 1.0]], 512)
+    logp, _, ref = ppo._score(acc, wrapped, copy.deepcopy(model), batch, 1, want_values=False, want_ref=True,
+                              temperature=0.5)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids).logits
+    m = batch.action_mask.bool()
+    expected = algos.token_logprobs(logits / 0.5, batch.input_ids)
+    assert torch.allclose(logp[m], expected[m], atol=1e-5) and torch.allclose(ref[m], expected[m], atol=1e-5)
+    assert not torch.allclose(logp[m], algos.token_logprobs(logits, batch.input_ids)[m], atol=1e-3)
+
+
+def test_train_rl_rejects_greedy_rollouts(tok, tmp_path):
+    with pytest.raises(ValueError, match="temperature 0.0 must be > 0"):
+        train_rl(small_cfg(), tiny_model(tok), tok, None, None, None, tmp_path, Accelerator(cpu=True), None,
+                 tasks=TASKS, temperature=0.0)
+
+
 def test_full_finetune_reference_is_a_frozen_copy(warm_model, tok, tmp_path):
     ref = copy.deepcopy(warm_model)
     before = [p.clone() for p in ref.parameters()]

@@ -199,9 +199,11 @@ def _iter_seed(seed: int, iteration: int, salt: int = 0) -> int:
 
 
 @torch.no_grad()
-def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool):
-    """Old log-probs, values and reference log-probs for the whole batch: each process scores
-    its contiguous shard in chunks, then all shards are gathered in order. -> 3 x (N, T)."""
+def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool,
+           temperature: float = 1.0):
+    """Old log-probs, values and reference log-probs (all at the sampling temperature) for the
+    whole batch: each process scores its contiguous shard in chunks, then all shards are gathered
+    in order. -> 3 x (N, T)."""
     n, rank, world = batch.input_ids.shape[0], accelerator.process_index, accelerator.num_processes
     lo, hi = rank * n // world, (rank + 1) * n // world
     dev = accelerator.device
@@ -212,7 +214,7 @@ def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values
         attn = batch.attention_mask[s:min(s + chunk, hi)].to(dev)
         with accelerator.autocast():
             logits, values = model(ids, attn)
-            outs["logp"].append(algos.token_logprobs(logits, ids))
+            outs["logp"].append(algos.token_logprobs(logits / temperature, ids))
             outs["values"].append(values if want_values else torch.zeros(ids.shape, device=dev))
             if want_ref:
                 if ref_policy is None:  # LoRA: the base model is the policy with its adapter off
@@ -220,7 +222,7 @@ def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values
                         ref_logits, _ = model(ids, attn)
                 else:
                     ref_logits = ref_policy(input_ids=ids, attention_mask=attn).logits
-                outs["ref"].append(algos.token_logprobs(ref_logits, ids))
+                outs["ref"].append(algos.token_logprobs(ref_logits / temperature, ids))
             else:
                 outs["ref"].append(torch.zeros(ids.shape, device=dev))
     return [accelerator.gather(torch.cat(outs[k]).float().contiguous()).cpu() for k in ("logp", "values", "ref")]
@@ -232,8 +234,12 @@ def _is_peft(model) -> bool:
 
 def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn: CreditFn, eval_fn: EvalFn | None,
              run_dir, accelerator, tracker, resume: bool = False, ref_model=None, *,
-             tasks: Sequence[str]) -> nn.Module:
+             tasks: Sequence[str], temperature: float = 1.0) -> nn.Module:
     """Train `policy` with PPO/GRPO/RLOO on the train `tasks`; returns the (unwrapped) policy.
+
+    `temperature` is the one `rollout_fn` samples at: every log-prob (old, new, reference) and the
+    entropy are taken from logits / temperature, so the PPO ratio compares the distributions the
+    actions were really drawn from.
 
     The reference for the KL term is, when kl_coef > 0: the policy with its LoRA adapter disabled
     (peft models: no second copy), else `ref_model`, else a frozen deep copy of the initial policy.
@@ -249,6 +255,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                          f"rl.minibatch_size={cfg.minibatch_size}")
     if not tasks:
         raise ValueError("train_rl: the list of train tasks is empty")
+    if not temperature > 0:
+        raise ValueError(f"train_rl: sampling temperature {temperature} must be > 0 (greedy rollouts have no "
+                         "policy gradient); set rollout.temperature")
     micro = cfg.minibatch_size // (world * gas)
     est_fn = algos.ADVANTAGE_ESTIMATORS[cfg.estimator]
     kl_fn = algos.KL_ESTIMATORS[cfg.kl_estimator]
@@ -292,7 +301,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         # 4-5: old log-probs / values / reference, advantages
         t1 = time.perf_counter()
         old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
-                                                cfg.uses_critic, cfg.kl_coef > 0)
+                                                cfg.uses_critic, cfg.kl_coef > 0, temperature)
         mask = batch.action_mask
         adv, returns = est_fn(batch.step_rewards, old_values, mask, batch.step_ends, batch.group_ids,
                               cfg.gamma, cfg.lam)
@@ -321,6 +330,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                     ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
                     with accelerator.accumulate(model):
                         logits, values = model(ids, attn)
+                        logits = logits / temperature
                         logp = algos.token_logprobs(logits, ids)
                         pl, clip_frac, approx_kl = algos.ppo_policy_loss(logp, take(old_logp), take(adv), m,
                                                                          cfg.clip_eps, norm)
