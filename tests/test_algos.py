@@ -116,14 +116,36 @@ def test_grpo_and_rloo_estimators_broadcast_over_action_tokens_only():
 
 
 def test_grpo_step_level_hand_computed():
-    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0]])
-    ends = torch.tensor([[2, 4], [1, -1]])
-    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    # step rewards of the group: 1, 0, 0 -> mean 1/3, unbiased std sqrt(1/3)
-    s = math.sqrt(1 / 3)
-    n1, n0 = (2 / 3) / s, (-1 / 3) / s
-    adv, _ = algos.grpo_step_level(rewards, torch.zeros(2, 6), mask, ends, torch.tensor([0, 0]), 1.0, 1.0)
-    assert close(adv, [[0, n1 + n0, n1 + n0, 0, n0, 0], [0, n0, 0, 0, 0, 0]])
+    mask = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 1, 0, 0, 0, 0], [0, 1, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0]])
+    ends = torch.tensor([[2, 4], [1, -1], [1, 3], [1, -1]])
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    gids = torch.tensor([3, 3, 3, 7])  # the last rollout is alone in its group: advantage 0
+    # gamma 0.5 returns-to-go: [1, 0], [0], [0.5, 1]; turn-0 mean 0.5, turn-1 mean 0.5;
+    # all five returns 1, 0, 0, 0.5, 1: mean 0.5, unbiased std 0.5
+    adv, ret = algos.grpo_step_level(rewards, torch.zeros(4, 6), mask, ends, gids, 0.5, 1.0)
+    assert close(adv, [[0, 1, 1, 0, -1, 0], [0, -1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0], [0] * 6])
+    assert ret.abs().sum() == 0
+
+
+def test_grpo_step_level_has_no_net_push_when_most_step_rewards_are_zero():
+    # SPA-like credit: a few progress steps, many ~0 steps, failed rollouts longer
+    torch.manual_seed(0)
+    B, S = 8, 12
+    lengths = [6, 7, 12, 12, 5, 12, 12, 8]
+    ends = torch.full((B, S), -1)
+    rewards = torch.zeros(B, S)
+    for i, n in enumerate(lengths):
+        ends[i, :n] = torch.arange(n) * 2 + 1
+        rewards[i, :n] = 0.01 * torch.randn(n)
+        if n < 12:
+            rewards[i, n // 2] += 0.5
+            rewards[i, n - 1] += 0.5
+    mask = torch.zeros(B, 2 * S, dtype=torch.long)
+    mask[:, 1::2] = (ends >= 0).long()
+    adv, _ = algos.grpo_step_level(rewards, torch.zeros(B, 2 * S), mask, ends, torch.tensor([0] * 4 + [1] * 4), 1.0, 1.0)
+    step_adv = adv[:, 1::2][ends >= 0]
+    assert abs(float(step_adv.mean())) < 1e-5
+    assert float(adv[:2].sum()) > 0 > float(adv[2:4].sum())  # the successes are pushed up
 
 
 def test_registry_shares_one_signature():
