@@ -153,7 +153,7 @@ def _credit_fn(ctx, tokenizer):
 
 def _eval_fn(ctx, tokenizer):
     cfg = ctx.cfg
-    tasks = ctx.tasks[cfg.env.eval_split]
+    tasks = ctx.tasks[cfg.env.dev_split or cfg.env.eval_split]
 
     def eval_fn(model):
         metrics, _ = evaluate(model, tokenizer, ctx.env_factory, tasks, cfg.rollout, seed=cfg.seed,

@@ -33,6 +33,7 @@ class EnvConfig:
     options: dict[str, Any] = field(default_factory=dict)  # constructor options of the env
     train_split: str = "train"  # tasks for sft, explore and rl
     eval_split: str = "test"  # held-out tasks for eval
+    dev_split: str = ""  # tasks of the evaluations during RL and of rl.keep_best ("": env.eval_split)
     num_train_tasks: int = 0  # use the first N train tasks (0: all)
     num_demo_tasks: int = 0  # sft clones the expert on the first N of those tasks (0: all of them)
 
@@ -81,6 +82,9 @@ class RunConfig:
         if "rl" in self.stages and (self.credit.mode == "gigpo") != (self.rl.algo == "gigpo"):
             raise ValueError(f"credit.mode={self.credit.mode!r} with rl.algo={self.rl.algo!r}: "
                              "credit.mode=gigpo and rl.algo=gigpo go together")
+        if "rl" in self.stages and self.rl.keep_best and (not self.env.dev_split or self.env.dev_split == self.env.eval_split):
+            raise ValueError("rl.keep_best=true selects a checkpoint on env.dev_split: set it to a split other than "
+                             f"env.eval_split={self.env.eval_split!r} (selecting on the held-out split would leak)")
 
     @property
     def run_dir(self) -> Path:
@@ -111,8 +115,9 @@ def build_context(cfg: RunConfig, with_trackers: bool = True) -> Context:
 
     env = make_env(cfg.env.name, **cfg.env.options)  # raises EnvError naming what is missing
     tasks = {}
-    for split in (cfg.env.train_split, cfg.env.eval_split):
-        tasks[split] = env.tasks(split)
+    for split in (cfg.env.train_split, cfg.env.eval_split, cfg.env.dev_split):
+        if split:
+            tasks[split] = env.tasks(split)
     if cfg.env.num_train_tasks:
         tasks[cfg.env.train_split] = tasks[cfg.env.train_split][: cfg.env.num_train_tasks]
     if cfg.eval.num_tasks:

@@ -75,3 +75,13 @@ def test_gigpo_credit_needs_the_gigpo_algorithm():
         load_config(RunConfig, None, ["credit.mode=gigpo"])
     cfg = load_config(RunConfig, None, ["credit.mode=gigpo", "rl.algo=gigpo"])
     assert cfg.rl.estimator == "given" and not cfg.rl.uses_critic
+
+
+def test_keep_best_selects_on_a_dev_split_never_the_test_split():
+    from rl.train import RunConfig
+
+    for extra in ([], ["env.dev_split=test"]):
+        with pytest.raises(ConfigError, match="rl.keep_best=true selects a checkpoint on env.dev_split"):
+            load_config(RunConfig, None, ["rl.keep_best=true", *extra])
+    cfg = load_config(RunConfig, None, ["rl.keep_best=true", "env.dev_split=dev"])
+    assert cfg.rl.keep_best and cfg.env.dev_split == "dev"

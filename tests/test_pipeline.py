@@ -52,7 +52,11 @@ def test_every_stage_runs_and_writes_its_artifacts(tmp_path, capsys):
     assert all("step" in r for r in rows)
     evals = [r for r in rows if r["stage"] == "eval" and "policy" in r]
     assert [r["policy"] for r in evals] == ["sft", "rl"]
-    assert len([r for r in rows if r["stage"] == "eval" and "policy" not in r]) == 3  # during rl: start, 1, 2
+    during_rl = [r for r in rows if r["stage"] == "eval" and "policy" not in r]
+    assert len(during_rl) == 3  # start, 1, 2
+    assert all(r["eval/episodes"] == 1 for r in during_rl)  # on the one dev task (env.dev_split), never test
+    selected = [r for r in rows if "selected_iteration" in r]  # rl.keep_best: the best dev evaluation
+    assert len(selected) == 1 and selected[0]["selected_success"] == max(r["eval/success_rate"] for r in during_rl)
     for r in evals:
         for key in ("eval/success_rate", "eval/grounding_accuracy", "eval/mean_turns"):
             assert 0.0 <= r[key] <= (4 if key == "eval/mean_turns" else 1.0)

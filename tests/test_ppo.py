@@ -154,6 +154,35 @@ def test_train_rl_rejects_greedy_rollouts(tok, tmp_path):
                  tasks=TASKS, temperature=0.0)
 
 
+def test_keep_best_returns_the_policy_with_the_best_evaluation(warm_model, tok, tmp_path):
+    scores, seen = iter([0.5, 0.9, 0.1, 0.9]), {}
+
+    def eval_fn(policy):  # scripted scores; remembers the weights it was shown
+        seen[len(seen)] = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        return {"eval/success_rate": next(scores)}
+
+    cfg = small_cfg(algo="grpo", iterations=3, eval_every=1, keep_best=True)
+    acc = Accelerator(cpu=True)
+    tracker = Tracker(tmp_path, acc)
+    try:
+        out = train_rl(cfg, copy.deepcopy(warm_model), tok, toy.make_rollout_fn(tok, cfg.group_size),
+                       toy.step_rewards_correct, eval_fn, tmp_path, acc, tracker, tasks=TASKS)
+    finally:
+        tracker.close()
+    assert len(seen) == 4  # iterations 0 (start), 1, 2, 3
+    best = seen[1]  # 0.9 after iteration 1; the later tie at iteration 3 keeps the earlier policy
+    assert any(not torch.equal(best[k], seen[3][k]) for k in best)
+    assert all(torch.equal(v, best[k]) for k, v in out.state_dict().items())
+    rows = [r for r in read_metrics(tmp_path) if "selected_iteration" in r]
+    assert rows == [{"stage": "rl", "step": 3, "selected_iteration": 1, "selected_success": 0.9}]
+    assert json.loads((tmp_path / "best" / "best.json").read_text()) == {"iteration": 1, "success": 0.9}
+
+
+def test_keep_best_needs_evaluations():
+    with pytest.raises(ValueError, match="keep_best=true needs evaluations"):
+        PPOConfig(keep_best=True, eval_every=0)
+
+
 def test_full_finetune_reference_is_a_frozen_copy(warm_model, tok, tmp_path):
     ref = copy.deepcopy(warm_model)
     before = [p.clone() for p in ref.parameters()]

@@ -32,7 +32,9 @@ et al. 2024):
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import shutil
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -87,6 +89,9 @@ class PPOConfig:
     max_grad_norm: float = 1.0  # gradient norm clip
     eval_every: int = 5  # evaluate every N iterations (0: only at the end)
     eval_at_start: bool = True  # evaluate the initial policy before training (not on resume)
+    # return the evaluated policy with the best success (the initial one included) instead of the
+    # last; the pipeline evaluates on env.dev_split during RL, so the choice never sees the test split
+    keep_best: bool = False
     save_every: int = 5  # checkpoint every N iterations (and always at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # fixes task order, sampling seeds and minibatch order per iteration
@@ -100,6 +105,8 @@ class PPOConfig:
         for key in ("iterations", "tasks_per_iter", "group_size", "ppo_epochs", "minibatch_size", "grad_accum_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rl.{key}={getattr(self, key)}: must be >= 1")
+        if self.keep_best and self.eval_every < 1:
+            raise ValueError(f"rl.keep_best=true needs evaluations during training: rl.eval_every={self.eval_every}")
 
     @property
     def estimator(self) -> str:
@@ -228,6 +235,42 @@ def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values
     return [accelerator.gather(torch.cat(outs[k]).float().contiguous()).cpu() for k in ("logp", "values", "ref")]
 
 
+class BestPolicy:
+    """The best evaluated policy so far (rl.keep_best), kept on disk under `path` (policy.pt +
+    best.json) so that a resumed run still knows it. Ties keep the earlier policy."""
+
+    def __init__(self, path: Path, accelerator, fresh: bool):
+        self.path, self.accelerator = Path(path), accelerator
+        if fresh and accelerator.is_main_process:
+            shutil.rmtree(self.path, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        meta = self.path / "best.json"
+        self.meta = json.loads(meta.read_text()) if meta.exists() else None
+
+    def offer(self, metrics: dict, iteration: int, policy: nn.Module) -> None:
+        score = metrics.get("eval/success_rate", metrics.get("success"))
+        if score is None:
+            raise KeyError(f"rl.keep_best: the evaluation returned no success rate (keys: {sorted(metrics)})")
+        from accelerate.utils import broadcast_object_list
+
+        better = self.meta is None or float(score) > self.meta["success"]
+        # every process must take the same branch (the save below waits for all): the main one decides
+        better, score = broadcast_object_list([better, float(score)]) if self.accelerator.num_processes > 1 else (better, score)
+        if not better:
+            return
+        self.meta = {"iteration": iteration, "success": float(score)}
+        if self.accelerator.is_main_process:
+            self.path.mkdir(parents=True, exist_ok=True)
+            tmp = self.path / "policy.pt.tmp"
+            torch.save({k: v.detach().cpu() for k, v in policy.state_dict().items()}, tmp)
+            tmp.replace(self.path / "policy.pt")
+            (self.path / "best.json").write_text(json.dumps(self.meta))
+        self.accelerator.wait_for_everyone()
+
+    def restore(self, policy: nn.Module) -> None:
+        policy.load_state_dict(torch.load(self.path / "policy.pt", map_location="cpu"))
+
+
 def _is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
@@ -277,6 +320,11 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                            ("train_batch_size", cfg.minibatch_size), ("gradient_clipping", cfg.max_grad_norm)):
             if ds_cfg.get(key, "auto") == "auto":
                 ds_cfg[key] = value
+    if cfg.keep_best and ds_plugin is not None and ds_plugin.zero_stage == 3:
+        raise ValueError("rl.keep_best=true is not supported under DeepSpeed ZeRO-3 (the policy's weights are "
+                         "partitioned); use ZeRO-2 or keep_best=false")
+    if cfg.keep_best and eval_fn is None:
+        raise ValueError("rl.keep_best=true needs an evaluation function")
     model, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_root = run_dir / "checkpoints"
@@ -284,8 +332,18 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
     if resume and (path := latest_checkpoint(ckpt_root)) is not None:
         start = int(load_checkpoint(accelerator, path)["iteration"])
         log.info("resumed from %s at iteration %d", path, start)
+    best = BestPolicy(run_dir / "best", accelerator, fresh=start == 0) if cfg.keep_best else None
+
+    def evaluate(iteration: int) -> None:
+        model.eval()
+        policy = accelerator.unwrap_model(model).policy
+        metrics = eval_fn(policy)
+        tracker.log(metrics, stage="eval", step=iteration)
+        if best is not None:
+            best.offer(metrics, iteration, policy)
+
     if eval_fn is not None and cfg.eval_at_start and start == 0:
-        tracker.log(eval_fn(accelerator.unwrap_model(model).policy), stage="eval", step=0)
+        evaluate(0)
 
     for it in range(start, cfg.iterations):
         # 1-3: rollout, tokenize, credit
@@ -380,9 +438,16 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         tracker.log(metrics, stage="rl", step=it + 1)
         last = it + 1 == cfg.iterations
         if eval_fn is not None and (last or (cfg.eval_every and (it + 1) % cfg.eval_every == 0)):
-            model.eval()
-            tracker.log(eval_fn(accelerator.unwrap_model(model).policy), stage="eval", step=it + 1)
+            evaluate(it + 1)
         if last or (cfg.save_every and (it + 1) % cfg.save_every == 0):
             save_checkpoint(accelerator, ckpt_root, it + 1, {"iteration": it + 1, "config": asdict(cfg)},
                             keep=cfg.keep_checkpoints)
-    return accelerator.unwrap_model(model).policy
+    policy = accelerator.unwrap_model(model).policy
+    if best is not None and best.meta is not None:
+        if best.meta["iteration"] != cfg.iterations:
+            best.restore(policy)
+        tracker.log({"selected_iteration": best.meta["iteration"], "selected_success": best.meta["success"]},
+                    stage="rl", step=cfg.iterations)
+        accelerator.print(f"[rl] keep_best: the policy after iteration {best.meta['iteration']} "
+                          f"(evaluation success {best.meta['success']:.3f}) is the result")
+    return policy
