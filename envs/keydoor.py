@@ -16,7 +16,7 @@ With `doors=2` (or more) there are several coloured doors and only one of them o
 observation does not say which. The oracle knows (like ALFWorld's expert knows where the object
 lies), so behaviour cloning cannot learn which door to try first, and its demos never show what to
 do after trying a door that does not open (the door is then described as jammed). Recovering from
-that is left to reinforcement learning (an imitation gap; README, quickstart status).
+that is left to reinforcement learning (an imitation gap; see the README on what RL achieved).
 
 Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions, and
 which door opens), drawn without replacement from one seeded stream, so train/dev/test never

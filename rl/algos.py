@@ -299,7 +299,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageFn] = {
     "gae": gae_token_level,  # PPO with a critic, token-level multi-turn GAE
     "gae_turn": gae_turn_level,  # PPO with a critic, one advantage per turn
     "grpo": grpo_outcome,  # critic-free, group-normalised episode return
-    "grpo_step": grpo_step_level,  # critic-free, group-normalised per-step rewards
+    "grpo_step": grpo_step_level,  # critic-free, return-to-go minus the group mean at the same turn
     "rloo": rloo_outcome,  # critic-free, leave-one-out baseline
     "given": step_advantages_given,  # critic-free, the credit mode's per-step advantages (gigpo)
 }

@@ -62,8 +62,8 @@ def test_every_stage_runs_and_writes_its_artifacts(tmp_path, capsys):
             assert 0.0 <= r[key] <= (4 if key == "eval/mean_turns" else 1.0)
     assert set(json.loads((run_dir / "eval" / "results.json").read_text())) == {"sft", "rl"}
     assert results["eval/episodes"] == 4
-    assert [r["step"] for r in rows if r["stage"] == "rl"] == [1, 2]
-    assert all("reward" in r and "kl_ref" in r for r in rows if r["stage"] == "rl")
+    assert [r["step"] for r in rows if r["stage"] == "rl" and "selected_iteration" not in r] == [1, 2]
+    assert all("reward" in r and "kl_ref" in r for r in rows if r["stage"] == "rl" and "selected_iteration" not in r)
 
     # the eval CLI on the final checkpoint reproduces the eval stage's numbers
     from rl.eval import main as eval_main
@@ -99,8 +99,9 @@ def test_two_process_accelerate_launch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = tmp_path / "e2e2"
     rows = _metrics(run_dir)
-    rl_rows = [r for r in rows if r["stage"] == "rl"]
+    rl_rows = [r for r in rows if r["stage"] == "rl" and "selected_iteration" not in r]
     assert [r["step"] for r in rl_rows] == [1, 2]  # logged once (main process), not once per rank
+    assert len([r for r in rows if "selected_iteration" in r]) == 1  # rl.keep_best agreed across ranks
     evals = [r for r in rows if r["stage"] == "eval" and "policy" in r]
     assert len(evals) == 2 and all(r["eval/episodes"] == 4 for r in evals)  # gathered from both ranks
     assert (run_dir / "rl" / "model" / "config.json").exists()
