@@ -13,7 +13,8 @@ Each iteration:
   6. `ppo_epochs` passes of shuffled minibatches (each process takes its slice, split into
      `grad_accum_steps` micro-batches), clipped surrogate + clipped value loss - entropy bonus
      + KL to the reference, then clip the gradient norm and step;
-  7. log, evaluate every `eval_every`, checkpoint every `save_every` (and at the end).
+  7. log, evaluate every `eval_every`, checkpoint every `save_every` (and at the end); with
+     `keep_best` the best-evaluated policy (the initial one included) is what is returned.
 
 Departures from the papers (PPO: Schulman et al. 2017; GRPO: Shao et al. 2024; RLOO: Ahmadian
 et al. 2024):
@@ -34,8 +35,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
