@@ -33,10 +33,11 @@ def _alfworld_logic() -> tuple[str, str]:
     return (data / "alfred.pddl").read_text(), (data / "alfred.twl2").read_text()
 
 
-def build_data(root: Path, with_games: bool = True) -> Path:
-    """Write the ALFWorld data layout for GAMES under root; returns root (the data_dir)."""
+def build_data(root: Path, with_games: bool = True, logic: tuple[str, str] | None = None) -> Path:
+    """Write the ALFWorld data layout for GAMES under root; returns root (the data_dir). `logic`
+    (domain, grammar) defaults to ALFWorld's own, which needs the alfworld package."""
     problem = (FIXTURES / "problem.pddl").read_text()
-    domain, grammar = _alfworld_logic() if with_games else ("", "")
+    domain, grammar = (logic or _alfworld_logic()) if with_games else ("", "")
     for split, task, obj, recep, text, solvable in GAMES:
         trial = root / "json_2.1.1" / split / task / "trial_T20240101_000000_000001"
         trial.mkdir(parents=True)
@@ -80,7 +81,7 @@ def test_missing_data_says_what_to_download(tmp_path, monkeypatch):
 def test_layout_discovery_filters_like_alfworld(tmp_path):
     root = build_data(tmp_path, with_games=False)
     assert discover_games(root, "train") == []  # no game.tw-pddl files at all
-    root2 = build_data(tmp_path / "full")
+    root2 = build_data(tmp_path / "full", logic=("(define (domain stub))", "grammar stub"))  # discovery reads no logic
     train = discover_games(root2, "train")
     # the unsolvable game, the Sliced one and the trial without a game file are left out
     assert train == ["train/look_at_obj_in_light-Mug-None-DeskLamp-1/trial_T20240101_000000_000001",
