@@ -209,14 +209,18 @@ def group_normalized(scores: Tensor, group_ids: Tensor, eps: float = 1e-6, scale
     one, so its advantage is 0). With scale=False only the mean is removed (Dr. GRPO).
     """
     gids = torch.unique(group_ids, return_inverse=True)[1]
-    G = int(gids.max()) + 1 if gids.numel() else 0
-    count = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gids, torch.ones_like(scores))
-    total = torch.zeros_like(count).index_add_(0, gids, scores)
-    mean = total / count
-    sq = torch.zeros_like(count).index_add_(0, gids, (scores - mean[gids]) ** 2)
-    std = (sq / (count - 1).clamp(min=1)).sqrt()
+    mean, std = _group_mean_std(scores, gids)
     centred = scores - mean[gids]
     return centred / (std[gids] + eps) if scale else centred
+
+
+def _group_mean_std(scores: Tensor, gids: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased std (0 for a group of one) of `scores` per group index 0..max(gids)."""
+    G = int(gids.max()) + 1 if gids.numel() else 0
+    count = torch.zeros(G, dtype=scores.dtype, device=scores.device).index_add_(0, gids, torch.ones_like(scores))
+    mean = torch.zeros_like(count).index_add_(0, gids, scores) / count.clamp(min=1)
+    sq = torch.zeros_like(count).index_add_(0, gids, (scores - mean[gids]) ** 2)
+    return mean, (sq / (count - 1).clamp(min=1)).sqrt()
 
 
 def leave_one_out(scores: Tensor, group_ids: Tensor) -> Tensor:
@@ -277,12 +281,9 @@ def grpo_step_level(step_rewards, values, action_mask, step_ends, group_ids, gam
     turn = torch.arange(S, device=rewards.device).unsqueeze(0).expand(B, S)
     g, x = gids[step_mask], to_go[step_mask]
     centred = group_normalized(x, g * S + turn[step_mask], scale=False)
-    n_groups = int(g.max()) + 1 if g.numel() else 0
-    count = torch.zeros(n_groups, device=x.device).index_add_(0, g, torch.ones_like(x))
-    mean = torch.zeros(n_groups, device=x.device).index_add_(0, g, x) / count.clamp(min=1)
-    var = torch.zeros(n_groups, device=x.device).index_add_(0, g, (x - mean[g]) ** 2) / (count - 1).clamp(min=1)
+    _, std = _group_mean_std(x, g)
     adv = torch.zeros_like(rewards)
-    adv[step_mask] = centred / (var.sqrt()[g] + 1e-6)
+    adv[step_mask] = centred / (std[g] + 1e-6)
     return broadcast_step_values(adv, action_mask, ends), torch.zeros_like(values)
 
 

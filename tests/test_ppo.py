@@ -56,8 +56,8 @@ def test_ppo_improves_success_on_toy_multiturn_task(warm_model, tok, tmp_path):
     _, rows = run(small_cfg(), copy.deepcopy(warm_model), tok, tmp_path)
     evals = [r for r in rows if r["stage"] == "eval"]
     assert [r["step"] for r in evals] == [0, 8]
-    assert evals[0]["success"] <= 0.3  # ~1/16 for a uniform policy over 4 letters, 2 turns
-    assert evals[-1]["success"] >= evals[0]["success"] + 0.3
+    assert evals[0]["eval/success_rate"] <= 0.3  # ~1/16 for a uniform policy over 4 letters, 2 turns
+    assert evals[-1]["eval/success_rate"] >= evals[0]["eval/success_rate"] + 0.3
     rl_rows = [r for r in rows if r["stage"] == "rl"]
     assert len(rl_rows) == 8 and all(r["failed_episodes"] == 0 for r in rl_rows)
     for key in ("reward", "success", "outcome", "entropy", "clip_frac", "value_loss", "explained_var",
@@ -74,7 +74,7 @@ def test_critic_free_and_turn_level_variants_improve(warm_model, tok, tmp_path, 
     _, rows = run(small_cfg(algo=algo, advantage_level=level, kl_coef=0.01), copy.deepcopy(warm_model),
                   tok, tmp_path, credit=credit)
     evals = [r for r in rows if r["stage"] == "eval"]
-    assert evals[-1]["success"] >= evals[0]["success"] + 0.3, (algo, level, evals)
+    assert evals[-1]["eval/success_rate"] >= evals[0]["eval/success_rate"] + 0.3, (algo, level, evals)
 
 
 def test_resume_reproduces_uninterrupted_metrics(warm_model, tok, tmp_path):

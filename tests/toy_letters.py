@@ -90,6 +90,7 @@ def make_eval_fn(tokenizer, n: int = 32, accelerator=None):
 
     def eval_fn(model) -> dict[str, float]:
         trajs = rollout(model, [f"test-{i}" for i in range(n)], 12345)
-        return {"success": sum(t.success for t in trajs) / n, "score": sum(t.outcome for t in trajs) / n}
+        return {"eval/success_rate": sum(t.success for t in trajs) / n,
+                "eval/mean_score": sum(t.outcome for t in trajs) / n}
 
     return eval_fn

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 RolloutFn = Callable[[nn.Module, list, int], list]  # (model, tasks, seed) -> list[Trajectory]
 CreditFn = Callable[[list], list]  # trajectories -> per-step rewards, one list per trajectory
-EvalFn = Callable[[nn.Module], dict]  # policy -> {"success": ..., ...}
+EvalFn = Callable[[nn.Module], dict]  # policy -> {"eval/success_rate": ..., ...} (rl.eval.evaluate's metrics)
 
 _ESTIMATOR = {  # (algo, advantage_level) -> name in algos.ADVANTAGE_ESTIMATORS
     ("ppo", "token"): "gae", ("ppo", "turn"): "gae_turn",
@@ -249,9 +249,9 @@ class BestPolicy:
         self.meta = json.loads(meta.read_text()) if meta.exists() else None
 
     def offer(self, metrics: dict, iteration: int, policy: nn.Module) -> None:
-        score = metrics.get("eval/success_rate", metrics.get("success"))
+        score = metrics.get("eval/success_rate")
         if score is None:
-            raise KeyError(f"rl.keep_best: the evaluation returned no success rate (keys: {sorted(metrics)})")
+            raise KeyError(f"rl.keep_best: the evaluation returned no 'eval/success_rate' (keys: {sorted(metrics)})")
         from accelerate.utils import broadcast_object_list
 
         better = self.meta is None or float(score) > self.meta["success"]
