@@ -115,12 +115,21 @@ def run_progress(ctx) -> dict:
 
     estimator = fit_progress_estimator(seeded(cfg.progress, cfg.seed), trajs, tokenizer, backbone, ctx.run_dir / "progress" / "estimator",
                                        accelerator=ctx.accelerator, log_fn=log_fn)
+    faithful = "" if "progress/spearman_true" not in last else (
+        f", vs true progress: Spearman {last['progress/spearman_true']:.2f}, "
+        f"top step a progress event in {last['progress/top_step_hit']:.0%} of won trajectories")
     ctx.accelerator.print(f"[progress] best val loss {last['progress/best_val_loss']:.4f} (predicting the mean outcome: "
-                          f"{last['progress/val_loss_constant']:.4f}), credit CV {last['progress/credit_cv']:.2f}")
+                          f"{last['progress/val_loss_constant']:.4f}), credit CV {last['progress/credit_cv']:.2f}"
+                          f"{faithful} (read at {cfg.progress.read_at})")
     sample = trajs[: min(len(trajs), 8)]
     annotate_progress(estimator, tokenizer, sample, max_length=cfg.progress.max_length)
     if ctx.accelerator.is_main_process:
+        from rl.credit.faithfulness import trajectory_increments
+
         credits = {m: step_rewards(sample, replace(cfg.credit, mode=m)) for m in ("terminal", "spa", "mc")}
+        truth = [trajectory_increments(t) for t in sample]
+        if all(d is not None for d in truth):  # the env's true progress increments, to compare by eye
+            credits["true Δprogress"] = [d.tolist() for d in truth]
         plots = ctx.run_dir / "plots"
         plots.mkdir(parents=True, exist_ok=True)
         credit_heatmap(sorted(sample, key=lambda t: -t.outcome), {

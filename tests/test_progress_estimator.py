@@ -79,9 +79,9 @@ def test_bad_input_names_the_trajectory(tok, monkeypatch):
     with pytest.raises(TrajectoryError, match="trajectory 6 has a non-finite outcome"):
         fit_progress_estimator(ProgressConfig(), [make_traj(6, ["go north"], float("nan"))], tok,
                                tiny_model(tok), "/nonexistent/never-written")
-    import rl.credit.progress as progress
+    import rl.credit.readout as readout
 
-    monkeypatch.setattr(progress, "tokenize_trajectory", lambda tk, t: TokenView([1, 2, 3], [0, 1, 0], [1], 1))
+    monkeypatch.setattr(readout, "tokenize_trajectory", lambda tk, t: TokenView([1, 2, 3], [0, 1, 0], [1], 1))
     with pytest.raises(TrajectoryError, match="trajectory 7: token view has 1 step ends for 2 steps"):
         annotate_progress(est, tok, [make_traj(7, ["go north", "go south"], 1.0)])
 

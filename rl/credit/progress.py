@@ -1,16 +1,22 @@
 """The SPA progress estimator: a causal-LM backbone with a scalar head read at each step's end.
 
-For trajectory i with token view (input_ids, step_ends), the estimator predicts one contribution
-per step, c_t = w·h(step_ends[t]) + b, where h is the backbone's last hidden state at the last
-generated token of step t (so c_t sees the whole history up to and including action t). It is
-fit on outcomes alone (SPA, Wang et al. 2025):
+For trajectory i with token sequence input_ids, the estimator predicts one contribution per step,
+c_t = w·h(read_pos[t]) + b, where h is the backbone's last hidden state at step t's reading
+position (`progress.read_at`, see `rl.credit.readout`). It is fit on outcomes alone (SPA, Wang et
+al. 2025):
 
     L = mean_i (sum_t c_{i,t} - R_i)^2
 
 so the contributions redistribute the delayed outcome over the steps. The backbone is any HF
 causal LM (fully fine-tuned, or LoRA through peft); the head starts at zero (c_t = 0).
 
-Departures / choices: trajectories longer than `max_length` are left out of training (their kept
+Departure from the paper: the paper reads c_t at the last token of action t (`read_at: action`),
+where c_t cannot see what the action did; `read_at: observation` reads it after the
+environment's reply (obs_{t+1}). On KeyDoor the action-end reading learnt a ramp over the step
+index (a length penalty: Spearman with the true increments near 0.1), see the README for the
+numbers of both readings over seeds.
+
+Other choices: trajectories longer than `max_length` are left out of training (their kept
 steps cannot be asked to sum to R), and the count is logged; at annotation time the steps such a
 cut removes get c_t = 0, and `annotate_progress` returns and logs how many there were. Early
 stopping and best-checkpoint selection use the validation loss (the training loss when the
@@ -26,13 +32,15 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from rl.algos import pad_step_ends
+from rl.credit.faithfulness import trajectory_faithfulness
+from rl.credit.readout import ReadView, read_view
 from rl.trajectory import (TokenView, Trajectory, TrajectoryError, tokenize_trajectory, truncate_view,
                            validate_trajectory)
 
@@ -57,6 +65,9 @@ class ProgressConfig:
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     seed: int = 0  # fixes the validation split, the data order and LoRA initialisation
+    # where c_t is read: "action" (last token of action t, the SPA paper) or "observation" (after
+    # the env's reply to action t, so c_t sees what the action did; see rl.credit.readout)
+    read_at: Literal["action", "observation"] = "action"
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -74,9 +85,10 @@ def progress_loss(step_preds: torch.Tensor, step_mask: torch.Tensor, outcomes: t
 class ProgressEstimator(nn.Module):
     """backbone (causal LM, maybe peft-wrapped) + Linear(hidden, 1) read at step ends."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, read_at: str = "action"):
         super().__init__()
         self.backbone = backbone
+        self.read_at = read_at  # where c_t is read (rl.credit.readout); saved with the weights
         self.head = nn.Linear(backbone.config.hidden_size, 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
@@ -90,7 +102,8 @@ class ProgressEstimator(nn.Module):
         return model.get_decoder()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, step_ends: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask (B, T), step_ends (B, S) (-1 = no step) -> c (B, S), 0 at padding."""
+        """input_ids, attention_mask (B, T), step_ends (B, S): each step's reading position (-1 = no
+        step) -> c (B, S), 0 at padding."""
         hidden = self._trunk()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         ends = step_ends.clamp(min=0)
         at_ends = hidden.gather(1, ends.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S, H)
@@ -116,7 +129,8 @@ class ProgressEstimator(nn.Module):
 
                 backbone = copy.deepcopy(backbone).merge_and_unload()
         backbone.save_pretrained(tmp / "backbone")
-        (tmp / "estimator.json").write_text(json.dumps({"hidden_size": self.head.in_features}))
+        (tmp / "estimator.json").write_text(json.dumps({"hidden_size": self.head.in_features,
+                                                         "read_at": self.read_at}))
         old = out.with_name(out.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
@@ -140,7 +154,8 @@ class ProgressEstimator(nn.Module):
             from transformers import AutoModelForCausalLM
 
             backbone = AutoModelForCausalLM.from_pretrained(path / "backbone", dtype=dtype)
-        est = cls(backbone)
+        meta = json.loads((path / "estimator.json").read_text()) if (path / "estimator.json").exists() else {}
+        est = cls(backbone, read_at=meta.get("read_at", "action"))
         est.head.load_state_dict(load_file(str(path / "head.safetensors")))
         return est.eval()
 
@@ -177,8 +192,8 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
             "outcome": torch.tensor([float(it["outcome"]) for it in items])}
 
 
-def _item(view: TokenView, traj: Trajectory) -> dict:
-    return {"input_ids": view.input_ids, "step_ends": view.step_ends, "outcome": float(traj.outcome)}
+def _item(view: ReadView, traj: Trajectory) -> dict:
+    return {"input_ids": view.input_ids, "step_ends": view.read_pos, "outcome": float(traj.outcome)}
 
 
 def _pad_id(tokenizer) -> int:
@@ -221,20 +236,6 @@ def credit_cv(step_credits: Sequence[float]) -> float:
     return float(c.std() / max(abs(c.mean()), 1e-8)) if c.size else float("nan")
 
 
-def _step_credits(model, loader, accelerator) -> list[float]:
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for batch in loader:
-            c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
-            c = torch.where(batch["step_ends"] >= 0, c, torch.full_like(c, float("nan")))
-            # ranks' batches can hold different step counts: pad to a common width before gathering
-            c = accelerator.gather_for_metrics(accelerator.pad_across_processes(c, dim=1, pad_index=float("nan")))
-            out += [v for v in c.flatten().tolist() if v == v]
-    model.train()
-    return out
-
-
 def _mean_loss(model, loader, accelerator) -> float:
     """Mean over the loader's trajectories of (sum_t c_t - R)^2, gathered across processes."""
     model.eval()
@@ -260,12 +261,13 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
 
     cfg.validate()
     accelerator = accelerator or Accelerator()
-    items = []
-    for t in trajs:
+    items, item_traj = [], []
+    for j, t in enumerate(trajs):
         validate_trajectory(t)
-        view = checked_view(tokenizer, t, cfg.max_length)
+        view = read_view(tokenizer, t, cfg.read_at, cfg.max_length)
         if view.num_steps == t.num_steps:
             items.append(_item(view, t))
+            item_traj.append(j)
     n_cut = len(trajs) - len(items)
     if not items:
         raise ValueError(f"progress: all {len(trajs)} trajectories exceed progress.max_length={cfg.max_length}")
@@ -275,7 +277,7 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
     train_idx, val_idx = _split(len(items), cfg.val_fraction, cfg.seed)
     if cfg.lora and not hasattr(backbone, "peft_config"):
         backbone = _wrap_lora(backbone, cfg)
-    estimator = ProgressEstimator(backbone)
+    estimator = ProgressEstimator(backbone, read_at=cfg.read_at)
     head_params = list(estimator.head.parameters())
     body_params = [p for p in estimator.backbone.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
@@ -322,9 +324,15 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
                 break
     estimator = accelerator.unwrap_model(model)
     estimator.load_state_dict(best_state, strict=False)
-    cv = credit_cv(_step_credits(model, val_loader if val_idx else train_loader, accelerator))
+    # every process scores the whole (small) validation split itself: per-trajectory credits for
+    # the CV and for the faithfulness to the env's true progress, where the env reports it
+    held = [trajs[item_traj[i]] for i in (val_idx or train_idx)]
+    credits = predict_progress(estimator, tokenizer, held, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    cv = credit_cv([c for cs in credits for c in cs])
+    faithful = {f"progress/{k}": v for k, v in trajectory_faithfulness(held, credits).items()}
     if log_fn is not None:
-        log_fn({"progress/best_val_loss": best, "progress/val_loss_constant": constant, "progress/credit_cv": cv}, step)
+        log_fn({"progress/best_val_loss": best, "progress/val_loss_constant": constant, "progress/credit_cv": cv,
+                **faithful}, step)
     if main and (best > 0.8 * constant or cv < 0.5):
         log.warning("progress: weak estimator (best val loss %.4f vs %.4f for predicting the mean outcome; credit "
                     "CV %.2f): SPA credit will be close to a uniform spread of the outcome, which favours long "
@@ -334,13 +342,10 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
 
 
 @torch.no_grad()
-def annotate_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[Trajectory], batch_size: int = 8,
-                      max_length: int | None = None) -> dict[str, int]:
-    """Set `traj.annotations["progress"]` = [c_0, ..., c_T] on every trajectory (in place).
-
-    Steps cut by `max_length` get c_t = 0; their count is stored in `traj.stats["progress_cut_steps"]`,
-    logged, and returned with the totals: {"trajectories", "cut_trajectories", "cut_steps"}.
-    """
+def predict_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[Trajectory], batch_size: int = 8,
+                     max_length: int | None = None) -> list[list[float]]:
+    """c_t for every step of every trajectory, read where the estimator was fit to read
+    (`estimator.read_at`); steps past `max_length` get none (the lists are then shorter)."""
     estimator = getattr(estimator, "module", estimator)
     was_training = estimator.training
     estimator.eval()
@@ -348,9 +353,9 @@ def annotate_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[T
     views = []
     for t in trajs:
         validate_trajectory(t)
-        views.append(checked_view(tokenizer, t, max_length))
+        views.append(read_view(tokenizer, t, getattr(estimator, "read_at", "action"), max_length))
     order = sorted((i for i, v in enumerate(views) if v.num_steps > 0), key=lambda i: len(views[i].input_ids))
-    preds: dict[int, list[float]] = {}
+    preds: list[list[float]] = [[] for _ in trajs]
     pad = _pad_id(tokenizer)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
@@ -358,9 +363,20 @@ def annotate_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[T
         c = estimator(batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["step_ends"].to(device))
         for row, i in enumerate(chunk):
             preds[i] = c[row, : views[i].num_steps].float().cpu().tolist()
+    estimator.train(was_training)
+    return preds
+
+
+def annotate_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[Trajectory], batch_size: int = 8,
+                      max_length: int | None = None) -> dict[str, int]:
+    """Set `traj.annotations["progress"]` = [c_0, ..., c_T] on every trajectory (in place).
+
+    Steps cut by `max_length` get c_t = 0; their count is stored in `traj.stats["progress_cut_steps"]`,
+    logged, and returned with the totals: {"trajectories", "cut_trajectories", "cut_steps"}.
+    """
+    preds = predict_progress(estimator, tokenizer, trajs, batch_size, max_length)
     cut_trajs = cut_steps = 0
-    for i, t in enumerate(trajs):
-        kept = preds.get(i, [])
+    for t, kept in zip(trajs, preds):
         cut = t.num_steps - len(kept)
         t.annotations["progress"] = kept + [0.0] * cut
         t.stats["progress_cut_steps"] = float(cut)
@@ -368,5 +384,4 @@ def annotate_progress(estimator: ProgressEstimator, tokenizer, trajs: Sequence[T
     if cut_steps:
         log.warning("annotate_progress: %d steps of %d trajectories lie past max_length=%s and got c_t = 0",
                     cut_steps, cut_trajs, max_length)
-    estimator.train(was_training)
     return {"trajectories": len(trajs), "cut_trajectories": cut_trajs, "cut_steps": cut_steps}
