@@ -142,10 +142,15 @@ def _credit_fn(ctx, tokenizer):
     cfg = ctx.cfg
     from rl.credit import annotate_progress, load_estimator_for, step_rewards
 
-    estimator = None
+    estimator = online = None
     if cfg.credit.mode == "spa":
         path = _require(ctx.run_dir / "progress" / "estimator", "rl", "progress")
         estimator = load_estimator_for(path, ctx.accelerator)
+        if cfg.progress.refit_every:  # online SPA: refit on the RL stage's own recent rollouts
+            from rl.credit.online import OnlineProgress
+
+            online = OnlineProgress(estimator, tokenizer, seeded(cfg.progress, cfg.seed), ctx.accelerator,
+                                    _log_fn(ctx, "progress_online"))
     scorer = None
     if cfg.credit.mode == "prm":
         from rl.credit import resolve_scorer
@@ -153,7 +158,9 @@ def _credit_fn(ctx, tokenizer):
         scorer = resolve_scorer(cfg.credit.prm_scorer)
 
     def credit_fn(trajs):
-        if estimator is not None:
+        if online is not None:
+            online(trajs)
+        elif estimator is not None:
             annotate_progress(estimator, tokenizer, trajs, max_length=cfg.progress.max_length)
         return step_rewards(trajs, cfg.credit, scorer=scorer)
 

@@ -68,11 +68,16 @@ class ProgressConfig:
     # where c_t is read: "action" (last token of action t, the SPA paper) or "observation" (after
     # the env's reply to action t, so c_t sees what the action did; see rl.credit.readout)
     read_at: Literal["action", "observation"] = "action"
+    refit_every: int = 0  # online SPA: refit during RL every this many iterations on recent rollouts (0: off)
+    refit_buffer: int = 256  # online SPA: the most recent RL trajectories kept for refitting
+    refit_epochs: int = 1  # online SPA: passes over the buffer per refit
 
     def validate(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"progress.val_fraction={self.val_fraction}: must lie in [0, 1)")
-        for name in ("epochs", "batch_size", "max_length", "patience"):
+        if self.refit_every < 0:
+            raise ValueError(f"progress.refit_every={self.refit_every}: must be >= 0 (0: no online refit)")
+        for name in ("epochs", "batch_size", "max_length", "patience", "refit_buffer", "refit_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"progress.{name}={getattr(self, name)}: must be >= 1")
 
