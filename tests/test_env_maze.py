@@ -98,3 +98,16 @@ def test_bad_options_fail_early():
 def test_shortest_path_on_umaze():
     assert shortest_path("umaze", (3, 1), (3, 3)) == ["move up", "move up", "move right", "move right",
                                                       "move down", "move down"]
+
+
+def test_compass_wording_for_the_tiny_tokenizer():
+    env = make_env("maze", wording="compass", goal="fixed", num_train_tasks=25, num_dev_tasks=0, num_test_tasks=0)
+    task = _task(env, "double_t", (1, 1), (8, 6))
+    obs, _ = env.reset(task)
+    assert obs == "You are at 1,1. The goal is at 8,6. Walls: north, south, west."
+    assert env.system_prompt.endswith("go north, go south, go west, go east.")
+    assert env.expert_actions(task)[:3] == ["go east", "go east", "go south"]
+    assert env.parse_action("move up") == "go north" and env.parse_action("Go East") == "go east"
+    obs, _, _, info = env.step("go north")
+    assert not info["valid"] and obs.startswith("Nothing happens: there is a wall to the north.")
+    check_env(env, "train", max_tasks=25)
