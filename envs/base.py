@@ -71,6 +71,10 @@ _BUILTIN_MODULES = {
     "scienceworld": "envs.scienceworld_env",
     "alfworld": "envs.alfworld_env",
     "webshop": "envs.webshop_env",
+    "maze": "envs.maze",
+    "textnav": "envs.textnav",
+    "twenty_questions": "envs.twenty_questions",
+    "wordle": "envs.wordle",
 }
 
 
