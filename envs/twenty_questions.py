@@ -210,7 +210,7 @@ class TwentyQuestionsEnv:
     `num_dev_tasks`, `num_test_tasks` (secret objects per split, disjoint), `seed`."""
 
     def __init__(self, max_questions: int = 20, list_in_prompt: bool = True, num_train_tasks: int = 60,
-                 num_dev_tasks: int = 10, num_test_tasks: int = 30, seed: int = 0):
+                 num_dev_tasks: int = 10, num_test_tasks: int = 26, seed: int = 0):
         if max_questions < 1:
             raise EnvError(f"twenty_questions: env.max_questions={max_questions}: must be >= 1")
         self.max_questions = max_questions

@@ -83,3 +83,9 @@ def test_prompt_lists_questions_only_when_asked_and_bad_options_fail():
         _env(max_questions=0)
     with pytest.raises(EnvError, match="split 'val'"):
         _env().tasks("val")
+
+
+def test_default_options_use_every_object_once():
+    env = make_env("twenty_questions")
+    assert [len(env.tasks(s)) for s in ("train", "dev", "test")] == [60, 10, 26]
+    check_env(env, "test", max_tasks=26)
