@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.utils.checkpoint
 
 Tensor = torch.Tensor
 
@@ -317,6 +318,54 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     got = logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     return torch.nn.functional.pad(got, (1, 0))
+
+
+def _head_logprobs(h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                   softcap: float | None) -> tuple[Tensor, Tensor]:
+    """h (K, H), targets (K,) -> log p(target), entropy (K,) of softmax(head(h) / temperature)."""
+    z = torch.nn.functional.linear(h, weight, bias).float()
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    return logp, lse - (torch.softmax(z, -1) * z).sum(-1)
+
+
+def selected_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor, positions: Tensor,
+                            temperature: float = 1.0, bias: Tensor | None = None, chunk: int = 512,
+                            softcap: float | None = None) -> tuple[Tensor, Tensor]:
+    """Log-probs and entropies of the tokens at `positions` only, from the last hidden states.
+
+    hidden (B, T, H) (hidden[:, t] predicts token t+1), weight (V, H) the LM head, input_ids and
+    positions (B, T) -> logp, entropy (B, T) with, where positions[b, t] (t >= 1),
+        logp[b, t] = log softmax(head(hidden[b, t-1]) / temperature)[input_ids[b, t]]
+        entropy[b, t] = H(softmax(head(hidden[b, t-1]) / temperature))
+    and 0 elsewhere: `token_logprobs(head(hidden) / temperature, ids)` at the positions, but the
+    head runs on at most `chunk` rows at a time and, with autograd on, each chunk is recomputed in
+    backward (activation checkpointing), so no (B, T, V) tensor and at most one (chunk, V) block
+    of logits (plus its softmax/grad temporaries) is ever alive.
+    """
+    B, T = input_ids.shape
+    pos = positions.bool().clone()
+    pos[:, 0] = False
+    rows, cols = pos.nonzero(as_tuple=True)
+    h = hidden[rows, cols - 1]
+    targets = input_ids[rows, cols]
+    logps, ents = [], []
+    for s in range(0, h.shape[0], chunk):
+        args = (h[s:s + chunk], targets[s:s + chunk], weight, bias, temperature, softcap)
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, *args, use_reentrant=False)
+        else:
+            lp, en = _head_logprobs(*args)
+        logps.append(lp)
+        ents.append(en)
+    zeros = torch.zeros(B, T, dtype=torch.float32, device=hidden.device)
+    if not logps:
+        return zeros + 0 * hidden.sum(), zeros  # keep the graph connected for backward/DDP
+    idx = (rows, cols)
+    return zeros.index_put(idx, torch.cat(logps)), zeros.index_put(idx, torch.cat(ents))
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

@@ -234,3 +234,44 @@ def test_given_step_advantages_are_broadcast_unchanged():
                                                    torch.tensor([0, 0]), 0.9, 0.5)
     assert adv.tolist() == [[0.0, 0.5, 0.5, 0.0, -1.0], [0.0, 2.0, 0.0, 0.0, 0.0]]
     assert "given" in algos.CRITIC_FREE and not ret.any()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 512])
+def test_selected_logprobs_equal_the_full_log_softmax_and_its_gradients(chunk):
+    """Log-probs and entropies from hidden states at the chosen positions equal those of the full
+    (B, T, V) logits to 1e-5, with the same gradients w.r.t. the hidden states and the head."""
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 3, 7, 5, 11
+    hidden = torch.randn(B, T, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    bias = torch.randn(V, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    pos = torch.rand(B, T, generator=g) < 0.5
+    pos[0, 0] = True  # position 0 has no prediction: must come out 0
+    temp = 0.7
+
+    logp, ent = algos.selected_token_logprobs(hidden, weight, ids, pos, temp, bias, chunk=chunk)
+    logits = (hidden @ weight.T + bias) / temp
+    ref = algos.token_logprobs(logits, ids)
+    ref_ent = torch.nn.functional.pad(algos.entropy_from_logits(logits[:, :-1]), (1, 0))
+    m = pos.clone()
+    m[:, 0] = False
+    assert torch.allclose(logp[m], ref[m], atol=1e-5) and torch.allclose(ent[m], ref_ent[m], atol=1e-5)
+    assert not logp[~m].any() and not ent[~m].any()
+
+    w = torch.randn(B, T, generator=g)
+    got = torch.autograd.grad((logp * w).sum() + (ent * w).sum(), (hidden, weight))
+    want = torch.autograd.grad((ref * w * m).sum() + (ref_ent * w * m).sum(), (hidden, weight))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_selected_logprobs_softcap_and_no_positions():
+    hidden, weight = torch.randn(1, 4, 3), torch.randn(6, 3)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    pos = torch.tensor([[0, 1, 1, 1]])
+    logp, _ = algos.selected_token_logprobs(hidden, weight, ids, pos, softcap=2.0)
+    z = hidden @ weight.T
+    assert torch.allclose(logp, algos.token_logprobs(2.0 * torch.tanh(z / 2.0), ids), atol=1e-6)
+    logp, ent = algos.selected_token_logprobs(hidden, weight, ids, torch.zeros(1, 4))
+    assert logp.shape == (1, 4) and not logp.any() and not ent.any()

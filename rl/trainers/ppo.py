@@ -47,6 +47,7 @@ from torch import nn
 
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.phases import peak_rss_gib, phase, reset_peak_rss
 from rl.trajectory import Trajectory, tokenize_trajectory
 
 log = logging.getLogger(__name__)
@@ -118,12 +119,27 @@ class PPOConfig:
         return self.estimator not in algos.CRITIC_FREE
 
 
+def lm_logprobs(lm: nn.Module, input_ids, attention_mask, positions, temperature: float = 1.0):
+    """Log-probs and entropies (B, T) of the tokens at `positions` under a causal LM at
+    `temperature`, and its last hidden states (B, T, H). The decoder runs without its LM head; the
+    head runs only at the scored positions, in chunks (`algos.selected_token_logprobs`), so no
+    (B, T, V) logits exist: with a 49k vocabulary they were most of a step's memory."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft: LoRA layers are inside
+    head = base.get_output_embeddings()
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logp, ent = algos.selected_token_logprobs(hidden, head.weight, input_ids, positions, temperature, head.bias,
+                                              softcap=getattr(base.config, "final_logit_softcapping", None))
+    return logp, ent, hidden
+
+
 class PolicyWithValue(nn.Module):
     """The policy plus, for PPO, a critic: a Linear value head on the last hidden state of the
     policy itself ("shared") or of its own copy of the backbone ("separate").
 
-    forward(input_ids, attention_mask) -> (logits (B, T, V), values (B, T) or None) with values
-    aligned like log-probs: values[:, t] = V(tokens < t), read from hidden state t-1.
+    forward(input_ids, attention_mask, positions, temperature, with_values) -> (logp (B, T),
+    entropy (B, T), values (B, T) or None): log-probs and entropies at `positions` (0 elsewhere,
+    see `lm_logprobs`), values aligned like log-probs: values[:, t] = V(tokens < t), read from
+    hidden state t-1.
     """
 
     def __init__(self, policy: nn.Module, critic: str | None):
@@ -138,18 +154,16 @@ class PolicyWithValue(nn.Module):
         else:
             self.value_head = None
 
-    def forward(self, input_ids, attention_mask):
-        want_hidden = self.value_head is not None and self.critic_backbone is None
-        out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=want_hidden)
-        if self.value_head is None:
-            return out.logits, None
+    def forward(self, input_ids, attention_mask, positions, temperature: float = 1.0, with_values: bool = True):
+        logp, ent, hidden = lm_logprobs(self.policy, input_ids, attention_mask, positions, temperature)
+        if self.value_head is None or not with_values:
+            return logp, ent, None
         if self.critic_backbone is not None:
-            hidden = self.critic_backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                          output_hidden_states=True).hidden_states[-1]
-        else:
-            hidden = out.hidden_states[-1]
+            base = self.critic_backbone
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        return out.logits, nn.functional.pad(v[:, :-1], (1, 0))
+        return logp, ent, nn.functional.pad(v[:, :-1], (1, 0))
 
 
 @dataclass
@@ -194,6 +208,15 @@ def build_batch(tokenizer, trajs: Sequence[Trajectory], rewards: Sequence[Sequen
                  torch.tensor([t.group_id for t in trajs], dtype=torch.long))
 
 
+def token_counts(batch: Batch) -> dict[str, int]:
+    """The batch's real tokens by role: prompt (before the first action: system prompt + first
+    observation), observation (later non-action tokens), action; and the padded size (N x T)."""
+    attn, act = batch.attention_mask.bool(), batch.action_mask.bool()
+    seen_action = act.long().cumsum(1) > 0
+    return {"prompt_tokens": int((attn & ~seen_action).sum()), "observation_tokens": int((attn & seen_action & ~act).sum()),
+            "action_tokens": int(act.sum()), "padded_tokens": int(attn.numel())}
+
+
 def draw_tasks(train_tasks: Sequence[str], n: int, seed: int, iteration: int) -> list[str]:
     """The iteration's tasks: a function of (seed, iteration) only, so a resumed run sees the
     same data order. Without replacement when there are enough tasks."""
@@ -207,33 +230,71 @@ def _iter_seed(seed: int, iteration: int, salt: int = 0) -> int:
 
 
 @torch.no_grad()
+def _score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int) -> list[torch.Tensor]:
+    """Run `fn(ids, attn, action_mask) -> n_out x (b, L)` over the trajectories `rows` and return
+    n_out x (N, T) (0 on the rows not scored).
+
+    Rows go longest first in micro-batches of `chunk`, each cut to its own longest sequence (no
+    padding to the batch's T); process p takes every P-th row of that order (equal shares, similar
+    lengths) and the shares are gathered, so every process holds the same result."""
+    N, T = batch.input_ids.shape
+    world, dev = accelerator.num_processes, accelerator.device
+    outs = [torch.zeros(N, T) for _ in range(n_out)]
+    if rows.numel() == 0:
+        return outs
+    if rows.numel() % world:
+        raise ValueError(f"{rows.numel()} rows to score do not split over {world} processes")
+    lengths = batch.attention_mask[rows].sum(1)
+    order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    mine = order[accelerator.process_index::world]
+    got = [torch.zeros(len(mine), T) for _ in range(n_out)]
+    for s in range(0, len(mine), chunk):
+        idx = mine[s:s + chunk]
+        L = max(int(batch.attention_mask[idx].sum(1).max()), 2)
+        res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
+        for g, r in zip(got, res):
+            g[s:s + len(idx), :L] = r.float().cpu()
+    ranked = torch.cat([order[r::world] for r in range(world)])
+    for o, g in zip(outs, got):
+        o[ranked] = accelerator.gather(g.to(dev).contiguous()).cpu()
+    return outs
+
+
 def _score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool,
-           temperature: float = 1.0):
-    """Old log-probs, values and reference log-probs (all at the sampling temperature) for the
-    whole batch: each process scores its contiguous shard in chunks, then all shards are gathered
-    in order. -> 3 x (N, T)."""
-    n, rank, world = batch.input_ids.shape[0], accelerator.process_index, accelerator.num_processes
-    lo, hi = rank * n // world, (rank + 1) * n // world
-    dev = accelerator.device
+           temperature: float = 1.0, old_rows: torch.Tensor | None = None):
+    """Old log-probs and values of the trajectories `old_rows` (default: all), reference log-probs
+    of all (when `want_ref`), all at the sampling temperature and at action tokens only.
+    -> 3 x (N, T), 0 where not computed."""
+    n = batch.input_ids.shape[0]
+    old_rows = torch.arange(n) if old_rows is None else old_rows
     unwrapped = accelerator.unwrap_model(model)  # forward through `model` (ZeRO-3 needs the wrapper)
-    outs = {"logp": [], "values": [], "ref": []}
-    for s in range(lo, hi, chunk):
-        ids = batch.input_ids[s:min(s + chunk, hi)].to(dev)
-        attn = batch.attention_mask[s:min(s + chunk, hi)].to(dev)
+
+    def policy_fn(ids, attn, positions):
         with accelerator.autocast():
-            logits, values = model(ids, attn)
-            outs["logp"].append(algos.token_logprobs(logits / temperature, ids))
-            outs["values"].append(values if want_values else torch.zeros(ids.shape, device=dev))
-            if want_ref:
-                if ref_policy is None:  # LoRA: the base model is the policy with its adapter off
-                    with unwrapped.policy.disable_adapter():
-                        ref_logits, _ = model(ids, attn)
-                else:
-                    ref_logits = ref_policy(input_ids=ids, attention_mask=attn).logits
-                outs["ref"].append(algos.token_logprobs(ref_logits / temperature, ids))
-            else:
-                outs["ref"].append(torch.zeros(ids.shape, device=dev))
-    return [accelerator.gather(torch.cat(outs[k]).float().contiguous()).cpu() for k in ("logp", "values", "ref")]
+            logp, _, values = model(ids, attn, positions, temperature, with_values=want_values)
+        return logp, (values if values is not None else torch.zeros(ids.shape, device=ids.device))
+
+    def ref_fn(ids, attn, positions):
+        with accelerator.autocast():
+            if ref_policy is None:  # LoRA: the base model is the policy with its adapter off
+                with unwrapped.policy.disable_adapter():
+                    return model(ids, attn, positions, temperature, with_values=False)[:1]
+            return lm_logprobs(ref_policy, ids, attn, positions, temperature)[:1]
+
+    old_logp, old_values = _score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2)
+    ref_logp, = _score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1)
+    return old_logp, old_values, ref_logp
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    """Any active dropout (modules, or attention dropout in a config) makes a train-mode forward
+    differ from the eval-mode one."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        if float(getattr(getattr(m, "config", None), "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
 
 
 class BestPolicy:
@@ -326,6 +387,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                          "partitioned); use ZeRO-2 or keep_best=false")
     if cfg.keep_best and eval_fn is None:
         raise ValueError("rl.keep_best=true needs an evaluation function")
+    dropout = _has_dropout(model)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_root = run_dir / "checkpoints"
@@ -338,8 +400,10 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
     def evaluate(iteration: int) -> None:
         model.eval()
         policy = accelerator.unwrap_model(model).policy
-        metrics = eval_fn(policy)
-        tracker.log(metrics, stage="eval", step=iteration)
+        timing: dict[str, float] = {}
+        with phase("eval", timing):
+            metrics = eval_fn(policy)
+        tracker.log({**metrics, **timing}, stage="eval", step=iteration)
         if best is not None:
             best.offer(metrics, iteration, policy)
 
@@ -348,37 +412,46 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
 
     for it in range(start, cfg.iterations):
         # 1-3: rollout, tokenize, credit
-        t0 = time.perf_counter()
+        timing: dict[str, float] = {}
         model.eval()
-        batch_tasks = draw_tasks(tasks, cfg.tasks_per_iter, cfg.seed, it)
-        trajs = rollout_fn(accelerator.unwrap_model(model).policy, batch_tasks, _iter_seed(cfg.seed, it))
+        with phase("rollout", timing):
+            batch_tasks = draw_tasks(tasks, cfg.tasks_per_iter, cfg.seed, it)
+            trajs = rollout_fn(accelerator.unwrap_model(model).policy, batch_tasks, _iter_seed(cfg.seed, it))
         if len(trajs) != n_batch:
             raise RuntimeError(f"rollout_fn returned {len(trajs)} trajectories, expected {n_batch}")
-        rollout_time = time.perf_counter() - t0
-        batch = build_batch(tokenizer, trajs, credit_fn(trajs), cfg.max_length)
+        with phase("credit", timing):
+            batch = build_batch(tokenizer, trajs, credit_fn(trajs), cfg.max_length)
 
-        # 4-5: old log-probs / values / reference, advantages
-        t1 = time.perf_counter()
-        old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
-                                                cfg.uses_critic, cfg.kl_coef > 0, temperature)
-        mask = batch.action_mask
-        adv, returns = est_fn(batch.step_rewards, old_values, mask, batch.step_ends, batch.group_ids,
-                              cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages and cfg.uses_critic:
-            adv = algos.masked_whiten(adv, mask)
-
-        score_time = time.perf_counter() - t1
+        # 4-5: old log-probs / values / reference, advantages. Without a critic and dropout, the
+        # first minibatch of epoch 0 is scored by the update itself: its forward runs on the
+        # weights the batch was sampled with, so old = new.detach() there exactly (ratio 1)
+        perms = [torch.randperm(n_batch, generator=torch.Generator().manual_seed(_iter_seed(cfg.seed, it, 1 + e)))
+                 for e in range(cfg.ppo_epochs)]
+        first_mb = perms[0][:cfg.minibatch_size] if not (cfg.uses_critic or dropout) else torch.arange(0)
+        old_rows = torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long)
+        with phase("score", timing):
+            old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
+                                                    cfg.uses_critic, cfg.kl_coef > 0, temperature, old_rows)
+            mask = batch.action_mask
+            adv, returns = est_fn(batch.step_rewards, old_values, mask, batch.step_ends, batch.group_ids,
+                                  cfg.gamma, cfg.lam)
+            if cfg.whiten_advantages and cfg.uses_critic:
+                adv = algos.masked_whiten(adv, mask)
 
         # 6: minibatch updates (train mode: gradient checkpointing needs it; keep dropout at 0)
+        reset_peak_rss()
         t2 = time.perf_counter()
         model.train()
         sums = torch.zeros(8, device=accelerator.device)  # token-weighted stat sums, see names below
         grad_norms = []
-        for epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(n_batch, generator=torch.Generator().manual_seed(_iter_seed(cfg.seed, it, 1 + epoch)))
+        lengths = batch.attention_mask.sum(1)
+        for epoch, perm in enumerate(perms):
             for mb_start in range(0, n_batch, cfg.minibatch_size):
                 mb = perm[mb_start:mb_start + cfg.minibatch_size]
+                fill_old = epoch == 0 and mb_start == 0 and len(first_mb) > 0
                 mine = mb[accelerator.process_index * micro * gas:(accelerator.process_index + 1) * micro * gas]
+                # micro-batches of similar lengths (the step's gradient is a sum: order is free)
+                mine = mine[torch.argsort(lengths[mine], descending=True, stable=True)]
                 # accelerate divides each loss by gas and DDP averages over processes: scale the
                 # token-sum normaliser back so the step's gradient is the minibatch token mean
                 norm = float(mask[mb].sum().clamp(min=1)) / (world * gas)
@@ -388,12 +461,11 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                     take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
                     ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
                     with accelerator.accumulate(model):
-                        logits, values = model(ids, attn)
-                        logits = logits / temperature
-                        logp = algos.token_logprobs(logits, ids)
+                        logp, ent, values = model(ids, attn, m, temperature)
+                        if fill_old:
+                            old_logp[idx, :length] = logp.detach().float().cpu()
                         pl, clip_frac, approx_kl = algos.ppo_policy_loss(logp, take(old_logp), take(adv), m,
                                                                          cfg.clip_eps, norm)
-                        ent = nn.functional.pad(algos.entropy_from_logits(logits[:, :-1]), (1, 0))
                         loss = pl - cfg.ent_coef * algos.token_mean(ent, m, norm)
                         vl = torch.zeros((), device=ids.device)
                         if values is not None:
@@ -415,7 +487,8 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                     sums += torch.stack([pl.detach() * norm, vl.detach() * norm, kl.detach() * norm,
                                          (ent * m).sum().detach(), clip_frac * ntok, approx_kl * ntok, ntok,
                                          attn.sum().float()])
-        update_time = time.perf_counter() - t2
+        timing["update_time"] = update_time = time.perf_counter() - t2
+        timing["update_peak_rss_gib"] = peak_rss_gib()
         s = accelerator.reduce(sums, reduction="sum").cpu().tolist()
         ntok = max(s[6], 1.0)
 
@@ -430,8 +503,8 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
             "entropy": s[3] / ntok, "clip_frac": s[4] / ntok, "approx_kl": s[5] / ntok,
             "kl_ref": algos.masked_mean(kl_fn(old_logp, ref_logp), mask).item() if cfg.kl_coef > 0 else 0.0,
             "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-            "action_tokens": int(mask.sum()), "tokens_per_s": s[7] / max(update_time, 1e-9),
-            "rollout_time": rollout_time, "score_time": score_time, "update_time": update_time,
+            "tokens_per_s": s[7] / max(update_time, 1e-9), **token_counts(batch), **timing,
+            "score_sequences": len(old_rows) + (n_batch if cfg.kl_coef > 0 else 0),  # forward passes of one sequence
         }
         if cfg.uses_critic:
             metrics["explained_var"] = algos.explained_variance(old_values, returns, mask)

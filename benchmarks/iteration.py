@@ -1,0 +1,150 @@
+"""One RL iteration on a real LM, phase by phase: time, peak memory and FLOP/s per phase.
+
+    python benchmarks/iteration.py                       # SmolLM2-135M + LoRA, keydoor, 8 tasks x 4
+    python benchmarks/iteration.py --num-envs 32 --minibatch 32 --grad-accum 4 --iterations 2
+
+Runs `train_rl` itself (GRPO by default, KL to the LoRA-disabled base) with the real rollout
+engine on keydoor, and reads the breakdown that every RL iteration logs: rollout, credit, score
+(old/reference log-probs), update seconds; peak resident memory per phase (Linux VmHWM, reset at
+each phase start); prompt/observation/action token counts. FLOP/s per phase are model FLOPs
+against the machine's measured fp32 matmul peak (`train_throughput.matmul_peak_flops`):
+  rollout  2 N (prompt + observation + action tokens)     (KV cache reused: each token fed once)
+  score    2 N (passes) x tokens                          (passes: old and/or reference forward)
+  update   6 N x tokens x ppo_epochs                      (forward 2N + backward 4N, the MFU convention)
+with N the backbone's non-embedding parameters (the LM head runs at action positions only), so
+the numbers are approximate and comparable between runs, not exact hardware counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_throughput import matmul_peak_flops  # noqa: E402
+
+from envs import make_env  # noqa: E402
+from rl.models import ModelConfig, load_model, load_tokenizer  # noqa: E402
+from rl.phases import peak_rss_gib  # noqa: E402
+from rl.rollout import RolloutConfig, collect_rollouts  # noqa: E402
+
+PHASES = ("rollout", "credit", "score", "update")
+
+
+def terminal_rewards(trajs):
+    return [[0.0] * (t.num_steps - 1) + [float(t.outcome)] for t in trajs]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--no-lora", action="store_true", help="train all weights instead of a LoRA adapter")
+    ap.add_argument("--env", default="keydoor")
+    ap.add_argument("--env-options", default="size=3", help="k=v,... passed to the env")
+    ap.add_argument("--algo", default="grpo")
+    ap.add_argument("--tasks", type=int, default=8, help="tasks per iteration")
+    ap.add_argument("--group", type=int, default=4, help="rollouts per task")
+    ap.add_argument("--turns", type=int, default=8, help="rollout.max_turns")
+    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--num-envs", type=int, default=32)
+    ap.add_argument("--history-turns", type=int, default=0, help="rollout.history_turns (0: whole history)")
+    ap.add_argument("--minibatch", type=int, default=32)
+    ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=1, help="rl.ppo_epochs")
+    ap.add_argument("--kl", type=float, default=0.05, help="rl.kl_coef")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--iterations", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--matmul-n", type=int, default=1024)
+    return ap.parse_args(argv)
+
+
+def env_options(text: str) -> dict:
+    out = {}
+    for kv in filter(None, text.split(",")):
+        k, v = kv.split("=", 1)
+        out[k] = int(v) if v.lstrip("-").isdigit() else v
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from accelerate import Accelerator
+
+    from rl.tracking import Tracker, read_metrics
+    from rl.trainers.ppo import PPOConfig, train_rl
+
+    torch.set_num_threads(args.threads)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    peak = matmul_peak_flops(str(acc.device), args.matmul_n)
+    tok = load_tokenizer(args.model)
+    policy = load_model(ModelConfig(name=args.model, lora=not args.no_lora), tok)
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    n_embed = base.get_input_embeddings().weight.numel()
+    n_params = sum(p.numel() for p in base.parameters()) - n_embed  # tied head counted once, below
+    opts = env_options(args.env_options)
+    factory = lambda: make_env(args.env, **opts)  # noqa: E731
+    tasks = factory().tasks("train")
+    rcfg_kw = dict(max_turns=args.turns, max_new_tokens=args.max_new_tokens, num_envs=args.num_envs,
+                   temperature=args.temperature)
+    if args.history_turns:
+        rcfg_kw["history_turns"] = args.history_turns
+    rcfg = RolloutConfig(**rcfg_kw)
+
+    def rollout_fn(model, batch_tasks, seed):
+        return collect_rollouts(model, tok, factory, batch_tasks, rcfg, group_size=args.group, seed=seed,
+                                accelerator=acc)
+
+    cfg = PPOConfig(algo=args.algo, iterations=args.iterations, tasks_per_iter=args.tasks, group_size=args.group,
+                    ppo_epochs=args.epochs, minibatch_size=args.minibatch, grad_accum_steps=args.grad_accum,
+                    lr=1e-4, kl_coef=args.kl, eval_every=0, eval_at_start=False, save_every=10**9,
+                    seed=args.seed)
+    extra = {"temperature": args.temperature}
+    if args.history_turns:
+        extra["history_turns"] = args.history_turns
+    with tempfile.TemporaryDirectory() as run_dir:
+        tracker = Tracker(run_dir, acc)
+        train_rl(cfg, policy, tok, rollout_fn, terminal_rewards, None, run_dir, acc, tracker, tasks=tasks, **extra)
+        tracker.close()
+        rows = read_metrics(run_dir, "rl")
+
+    head = n_embed  # (V, H) matmul at each scored position
+    print(f"device       {acc.device} ({torch.get_num_threads()} threads), matmul peak "
+          f"{peak / 1e9:,.1f} GFLOP/s (fp32, n={args.matmul_n})")
+    print(f"model        {args.model}{'' if args.no_lora else ' + LoRA'}: {n_params / 1e6:.1f} M non-embedding "
+          f"parameters; {args.env} {opts}, {args.tasks} tasks x {args.group}, max {args.turns} turns of "
+          f"{args.max_new_tokens} tokens, {args.num_envs} envs, minibatch {args.minibatch} / grad_accum "
+          f"{args.grad_accum}, {args.epochs} epoch(s), kl {args.kl}, history_turns {args.history_turns or 'all'}")
+    print(f"{'it':>3} {'episodes':>8} {'turns':>6} {'prompt':>7} {'obs':>6} {'action':>6} {'padded':>7} | "
+          + " ".join(f"{p + ' s':>9}" for p in PHASES) + f" {'total s':>8} | "
+          + " ".join(f"{p + ' GiB':>11}" for p in PHASES) + " | " + " ".join(f"{p + ' GF/s':>11}" for p in
+                                                                            ("rollout", "score", "update")))
+    for r in rows:
+        real = r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"]
+        passes = r.get("score_sequences", 2 * args.tasks * args.group) / (args.tasks * args.group)
+        flops = {"rollout": 2 * n_params * real + 2 * head * r["action_tokens"],
+                 "score": passes * (2 * n_params * real + 2 * head * r["action_tokens"]),
+                 "update": args.epochs * 6 * (n_params * real + head * r["action_tokens"])}
+        gfs = {p: flops[p] / max(r[f"{p}_time"], 1e-9) / 1e9 for p in flops}
+        total = sum(r[f"{p}_time"] for p in PHASES)
+        print(f"{r['step']:>3} {len(range(args.tasks * args.group)):>8} {r['steps']:>6.2f} {r['prompt_tokens']:>7} "
+              f"{r['observation_tokens']:>6} {r['action_tokens']:>6} {r['padded_tokens']:>7} | "
+              + " ".join(f"{r[p + '_time']:>9.1f}" for p in PHASES) + f" {total:>8.1f} | "
+              + " ".join(f"{r[p + '_peak_rss_gib']:>11.2f}" for p in PHASES) + " | "
+              + " ".join(f"{gfs[p]:>6.1f} ({gfs[p] * 1e9 / peak:>3.0%})" for p in gfs))
+    print(f"process peak RSS {peak_rss_gib():.2f} GiB (since the last phase start)")
+    last = rows[-1]
+    ratio = (last["score_time"] + last["update_time"]) / max(last["rollout_time"], 1e-9)
+    print(f"last iteration: {sum(last[p + '_time'] for p in PHASES):.1f} s, (score + update) / rollout = {ratio:.2f}, "
+          f"max phase peak RSS {max(last[p + '_peak_rss_gib'] for p in PHASES):.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
