@@ -68,7 +68,7 @@ def test_two_process_cpu_ppo_run_sees_one_global_batch(tmp_path):
     assert [(s["stage"], s["step"]) for s in seen0] == [("rl", 1), ("rl", 2), ("eval", 2)]
     for a, b in zip(seen0, seen1):
         for key in a:
-            if key not in TIMING:
+            if key not in TIMING and not key.endswith(("_time", "_peak_rss_gib")):
                 assert a[key] == pytest.approx(b[key], abs=1e-6, nan_ok=True), key
     assert seen0[0]["action_tokens"] > 0
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
