@@ -27,8 +27,9 @@ def test_recipe_loads(path):
         assert n % cfg.rl.minibatch_size == 0
     if cfg.credit.mode == "spa" and "rl" in cfg.stages:
         assert "progress" in cfg.stages
-    # the quickstart uses step-level group advantages over SPA rewards (see its comment)
-    expected_algo = "grpo" if path.stem.endswith("_grpo") or path.stem == "quickstart" else "ppo"
+    # the quickstarts use step-level group advantages over SPA rewards (see their comments)
+    quick = path.stem == "quickstart" or path.stem.endswith("_quickstart")
+    expected_algo = "grpo" if path.stem.endswith("_grpo") or quick else "ppo"
     if "rl" in cfg.stages:
         assert cfg.rl.algo == expected_algo
     if path.stem.endswith("_dpo"):
