@@ -152,3 +152,22 @@ def test_estimator_reads_at_the_observation_and_keeps_it_on_disk(tok, tmp_path):
     assert loaded.read_at == "observation"
     annotate_progress(loaded, tok, [traj])
     assert traj.annotations["progress"] == pytest.approx(manual, abs=1e-5)
+
+
+def test_fit_logs_faithfulness_only_when_the_env_reports_progress(tok, tmp_path):
+    from rl.credit import ProgressConfig, fit_progress_estimator
+    from rl.models import tiny_model
+
+    trajs = [episode(i, PROGRESS[i % 3], WON[i % 3]) for i in range(12)]
+    cfg = ProgressConfig(epochs=1, batch_size=4, val_fraction=0.25, read_at="observation")
+    logged = []
+    fit_progress_estimator(cfg, trajs, tok, tiny_model(tok), tmp_path / "a", log_fn=lambda m, s: logged.append(m))
+    summary = logged[-1]
+    assert -1.0 <= summary["progress/spearman_true"] <= 1.0 and 0.0 <= summary["progress/event_auc"] <= 1.0
+    assert summary["progress/faithful_steps"] > 0 and "progress/top_step_hit" in summary
+    for t in trajs:
+        for s in t.steps:
+            s.info = {}
+    logged.clear()
+    fit_progress_estimator(cfg, trajs, tok, tiny_model(tok), tmp_path / "b", log_fn=lambda m, s: logged.append(m))
+    assert "progress/credit_cv" in logged[-1] and not any("spearman" in k for k in logged[-1])
