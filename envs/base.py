@@ -71,6 +71,8 @@ _BUILTIN_MODULES = {
     "scienceworld": "envs.scienceworld_env",
     "alfworld": "envs.alfworld_env",
     "webshop": "envs.webshop_env",
+    "chess": "envs.chess_env",
+    "twchallenge": "envs.twchallenge_env",
     "maze": "envs.maze",
     "textnav": "envs.textnav",
     "twenty_questions": "envs.twenty_questions",
