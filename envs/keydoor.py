@@ -18,6 +18,11 @@ lies), so behaviour cloning cannot learn which door to try first, and its demos 
 do after trying a door that does not open (the door is then described as jammed). Recovering from
 that is left to reinforcement learning (an imitation gap; see the README on what RL achieved).
 
+With `distractors=N` (1..4) N objects (a coin, a lamp, ...) lie in other rooms and every
+observation says where they are; `take coin` etc. are valid but change no progress, so the agent
+must pick the key's sentence out of a longer observation and a taken distractor is a wasted step
+(a setting with headroom for RL; see the README). With 0 (the default) nothing changes.
+
 Task ids are "<split>-<index>"; each names a distinct layout (agent, key and door positions, and
 which door opens), drawn without replacement from one seeded stream, so train/dev/test never
 share a layout.
@@ -35,6 +40,7 @@ ACTIONS = ("go north", "go south", "go east", "go west", "take key", "drop key",
 _MOVES = {"north": (-1, 0), "south": (1, 0), "east": (0, 1), "west": (0, -1)}
 _ACTION_RE = re.compile(r"^(go|take|drop|open)\s+[a-z]+$")
 _COLOURS = ("red", "blue", "green", "yellow")
+_OBJECTS = ("coin", "lamp", "book", "cup")  # distractors: can be taken, never help
 _PROMPT = ("You are an agent in a grid of rooms. Find the key, take it, {goal}Reply with exactly one action per "
            "turn: go north, go south, go east, go west, take key, drop key, open door.")
 
@@ -66,33 +72,39 @@ def _describe(name: str, dr: int, dc: int) -> str:
 @register("keydoor")
 class KeyDoorEnv:
     """Options: `size` (grid side, >= 2), `doors` (1..4; with more than one, only one opens and
-    the agent is not told which), `max_steps` (default 4*size+2, plus 2*size per extra door),
+    the agent is not told which), `distractors` (0..4 useless objects lying about), `max_steps` (default 4*size+2, plus 2*size per extra door),
     `num_train_tasks`, `num_dev_tasks`, `num_test_tasks`, `seed` (fixes the layouts)."""
 
     system_prompt = _PROMPT.format(goal="walk to the door and open it. ")
 
     def __init__(self, size: int = 3, doors: int = 1, max_steps: int | None = None, num_train_tasks: int = 64,
-                 num_dev_tasks: int = 16, num_test_tasks: int = 32, seed: int = 0):
+                 num_dev_tasks: int = 16, num_test_tasks: int = 32, seed: int = 0, distractors: int = 0):
         if size < 2:
             raise EnvError(f"env.size={size}: must be >= 2")
         if not 1 <= doors <= len(_COLOURS) or doors + 2 > size**2:
             raise EnvError(f"env.doors={doors}: must be in 1..{min(len(_COLOURS), size**2 - 2)} for size={size}")
-        n_layouts = doors * math.perm(size**2, 2 + doors)
+        if not 0 <= distractors <= len(_OBJECTS) or doors + 2 + distractors > size**2:
+            raise EnvError(f"env.distractors={distractors}: must be in 0..{len(_OBJECTS)} and leave room for the "
+                           f"agent, key and {doors} door(s) in a {size}x{size} grid")
+        n_layouts = doors * math.perm(size**2, 2 + doors + distractors)
         wanted = num_train_tasks + num_dev_tasks + num_test_tasks
         if wanted > n_layouts:
             raise EnvError(f"keydoor size={size} has only {n_layouts} layouts, {wanted} tasks asked")
         self.size = size
         self.doors = doors
+        self.distractors = distractors
         self.max_steps = max_steps or 4 * size + 2 + 2 * size * (doors - 1)
         if doors > 1:
             self.system_prompt = _PROMPT.format(
                 goal=f"walk to a door and open it. There are {doors} doors and only one of them opens. ")
+        if distractors:
+            self.system_prompt += " Other objects lie about (take <object> picks one up); they do not help."
         cells = [(r, c) for r in range(size) for c in range(size)]
         rng = random.Random(seed)
         seen: set[tuple] = set()
         layouts: list[tuple] = []
         while len(layouts) < wanted:
-            layout = tuple(rng.sample(cells, 2 + doors))  # agent, key, door(s)
+            layout = tuple(rng.sample(cells, 2 + doors + distractors))  # agent, key, door(s), distractors
             if doors > 1:
                 layout += (rng.randrange(doors),)  # which door opens
             if layout not in seen:
@@ -124,6 +136,9 @@ class KeyDoorEnv:
     def _observe(self) -> str:
         doors = " ".join(_describe(self._door_name(i), d[0] - self.pos[0], d[1] - self.pos[1])
                          for i, d in enumerate(self.door_cells))
+        for name, cell in self.objects.items():
+            if name not in self.held:
+                doors += " " + _describe(name, cell[0] - self.pos[0], cell[1] - self.pos[1])
         if self.has_key:
             return "You hold the key. " + doors
         return _describe("key", self.key[0] - self.pos[0], self.key[1] - self.pos[1]) + " " + doors
@@ -141,6 +156,8 @@ class KeyDoorEnv:
         self.door_cells = layout[2:2 + self.doors]
         self.door = self.door_cells[layout[-1] if self.doors > 1 else 0]  # the one that opens
         self.jammed: set[int] = set()
+        self.objects = dict(zip(_OBJECTS, layout[2 + self.doors : 2 + self.doors + self.distractors]))
+        self.held: set[str] = set()  # distractors picked up
         self.has_key, self.won, self.steps = False, False, 0
         return self._observe(), self._info(True)
 
@@ -183,6 +200,12 @@ class KeyDoorEnv:
                 reason = "you do not hold the key"
             else:
                 reason = "the door is not here" if here is None else f"the {_COLOURS[here]} door is jammed"
+        elif verb == "take" and obj in self.objects:
+            if obj not in self.held and self.pos == self.objects[obj]:
+                self.held.add(obj)
+                msg = f"You took the {obj}."  # valid, but no progress
+            else:
+                reason = f"you hold the {obj} already" if obj in self.held else f"the {obj} is not here"
         else:
             reason = f"{action!r} is not a valid action"
         valid = msg is not None
