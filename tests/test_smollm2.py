@@ -27,6 +27,8 @@ def smol(tmp_path_factory):
         tok = load_tokenizer("smollm2-135m")  # first call dequantises the GGUF into the cache
         model = load_model(ModelConfig(name="smollm2-135m"), tok)
     assert (cache / "models" / "smollm2-135m-instruct" / "model.safetensors").is_file()
+    # a plain checkpoint: a GGUF quantization_config left in it would make save_pretrained refuse later stages' policies
+    assert getattr(model, "hf_quantizer", None) is None
     return tok, model
 
 
