@@ -107,6 +107,16 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append("</table>")
         if plot_success(results, plots / "success.png"):
             parts.append('<img src="plots/success.png">')
+    faithful = [r for r in rows if r.get("stage") == "progress" and "progress/spearman_true" in r]
+    if faithful:  # the estimator's credit against the env's true progress (validation split)
+        labels = {"progress/spearman_true": "Spearman(c_t, true increment)",
+                  "progress/spearman_true_max": "its ceiling for the tied increments",
+                  "progress/event_auc": "P(progress step credited above an idle step)",
+                  "progress/top_step_hit": "won trajectories whose top-credit step is a progress event",
+                  "progress/faithful_steps": "validation steps"}
+        parts.append("<h2>Progress estimator vs true progress</h2><table border=1 cellpadding=4>" + "".join(
+            f"<tr><td>{html.escape(label)}</td><td>{faithful[-1][k]:.3f}</td></tr>"
+            for k, label in labels.items() if isinstance(faithful[-1].get(k), (int, float))) + "</table>")
     for stage in ("sft", "progress", "rl", "eval", "dpo"):
         if plot_stage(rows, stage, plots / f"{stage}_curves.png"):
             title = "held-out evaluation during rl" if stage == "eval" else stage

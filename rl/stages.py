@@ -121,7 +121,11 @@ def run_progress(ctx) -> dict:
     ctx.accelerator.print(f"[progress] best val loss {last['progress/best_val_loss']:.4f} (predicting the mean outcome: "
                           f"{last['progress/val_loss_constant']:.4f}), credit CV {last['progress/credit_cv']:.2f}"
                           f"{faithful} (read at {cfg.progress.read_at})")
-    sample = trajs[: min(len(trajs), 8)]
+    # one trajectory per task (rollouts of one task are often identical), won ones first
+    by_task = {}
+    for t in sorted(trajs, key=lambda t: -t.outcome):
+        by_task.setdefault(t.task, t)
+    sample = list(by_task.values())[:8]
     annotate_progress(estimator, tokenizer, sample, max_length=cfg.progress.max_length)
     if ctx.accelerator.is_main_process:
         from rl.credit.faithfulness import trajectory_increments
