@@ -16,6 +16,10 @@ Cost per turn is linear in the new text, not in the whole history:
   what the trainer scores). Rows are selected as episodes end; the cache is rebuilt when it
   would exceed twice the longest prompt (holes pile up when slots restart). Greedy outputs equal
   the no-reuse path (tested).
+- `history_turns=k`: the prompt keeps the system prompt, the first observation and the last k to
+  2k-1 turns (`rl.trajectory.window_start`); within a window block it is extended as above, and
+  when the window drops its oldest k turns it is encoded afresh (the cache row restarts), so a
+  long episode costs O(turns) with prompts bounded by the window.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from rl.trajectory import Step, Trajectory, build_messages, encode_conversation
+from rl.trajectory import Step, Trajectory, build_messages, encode_conversation, windowed_context
 
 INVALID_REPLY = "Your reply is not a valid action. "  # prefixed to the repeated observation
 
@@ -44,6 +48,9 @@ class RolloutConfig:
     backend: str = "hf"  # "hf" (transformers generate) | "vllm" (CUDA + vllm installed)
     max_prompt_tokens: int = 2048  # an episode whose prompt grows past this ends (truncated)
     reuse_cache: bool = True  # HF: keep the KV cache across turns, feed only new tokens
+    # prompt = system prompt + first observation + the last k..2k-1 turns (0: the whole history);
+    # the oldest k turns go at once, see rl.trajectory.window_start. RL must tokenize with the same k
+    history_turns: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
@@ -51,6 +58,8 @@ class RolloutConfig:
         for key in ("max_turns", "max_new_tokens", "num_envs", "max_prompt_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
+        if self.history_turns < 0:
+            raise ValueError(f"rollout.history_turns={self.history_turns}: must be >= 0 (0: the whole history)")
         if not 0.0 < self.top_p <= 1.0 or self.temperature < 0 or self.top_k < 0:
             raise ValueError("rollout: need 0 < top_p <= 1, temperature >= 0, top_k >= 0")
 
@@ -268,23 +277,27 @@ class _Episode:
     malformed: int = 0  # replies parse_action could not read
 
 
-def _render(tokenizer, ep: _Episode) -> str:
-    msgs = build_messages(ep.system_prompt, ep.observations, [s.action for s in ep.steps])
+def _context(ep: _Episode, history_turns: int) -> tuple[list[str], list[str]]:
+    """The (observations, actions) the next reply is generated from: all, or the history window."""
+    return windowed_context(ep.observations, [s.action for s in ep.steps], len(ep.steps), history_turns)
+
+
+def _render(tokenizer, ep: _Episode, history_turns: int = 0) -> str:
+    msgs = build_messages(ep.system_prompt, *_context(ep, history_turns))
     return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
-def _extend_prompt(tokenizer, ep: _Episode) -> None:
+def _extend_prompt(tokenizer, ep: _Episode, history_turns: int = 0) -> None:
     """Append the last action and the new observation to the prompt ids, encoding only them."""
     action = ep.steps[-1].action
-    text = _render(tokenizer, ep)
+    text = _render(tokenizer, ep, history_turns)
     head = ep.prompt_text + action
     if text.startswith(head):
         new = [t for t in (action, text[len(head):]) if t]
         for t in new:
             ep.prompt_ids = ep.prompt_ids + tokenizer(t, add_special_tokens=False)["input_ids"]
-    else:  # a template that re-renders earlier turns: encode from scratch
-        actions = [s.action for s in ep.steps]
-        ep.prompt_ids = encode_conversation(tokenizer, ep.system_prompt, ep.observations, actions, True).input_ids
+    else:  # the history window moved on, or a template that re-renders earlier turns: encode afresh
+        ep.prompt_ids = encode_conversation(tokenizer, ep.system_prompt, *_context(ep, history_turns), True).input_ids
     ep.prompt_text = text
 
 
@@ -390,7 +403,7 @@ def run_episodes(backend, tokenizer, env_factory: Callable[[], Any], episodes: l
             if is_done or len(ep.steps) >= cfg.max_turns:
                 finish(s, _finish(ep, truncated=not is_done))
             else:
-                _extend_prompt(tokenizer, ep)
+                _extend_prompt(tokenizer, ep, cfg.history_turns)
                 if len(ep.prompt_ids) > cfg.max_prompt_tokens:
                     finish(s, _finish(ep, truncated=True, overflow=True))
             if slots[s] is None:

@@ -319,3 +319,34 @@ def test_skipping_the_old_pass_gives_the_same_training(warm_model, tok, tmp_path
     for a, b in zip(rows_skip, rows_full):
         for key in ("policy_loss", "kl_loss", "clip_frac", "approx_kl", "entropy", "kl_ref", "reward"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "grpo_step", "rloo", "given"])
+def test_windowed_batch_gives_every_action_token_its_steps_advantage(tok, estimator):
+    """A history-windowed batch (several sequences per trajectory, context actions unmasked) gets,
+    on every trained action token, the advantage the one-sequence batch gives that step."""
+    rng = torch.Generator().manual_seed(0)
+    trajs = [Trajectory(i, "t", [Step(f"Pick {j}.", "ABCD"[(i + j) % 4], True) for j in range(n)], 0.0, False,
+                        group_id=i // 2, system_prompt="Reply with one letter.")
+             for i, n in enumerate([5, 3, 6, 2])]
+    rewards = [torch.randn(t.num_steps, generator=rng).tolist() for t in trajs]
+    fn = algos.ADVANTAGE_ESTIMATORS[estimator]
+    full = build_batch(tok, trajs, rewards, 512)
+    win = build_batch(tok, trajs, rewards, 512, history_turns=1)
+    assert len(win.input_ids) == 2 + 4 + 1 + 5 and not win.one_row_per_trajectory  # blocks per trajectory
+    a_full, _ = ppo.advantages(fn, full, torch.zeros(full.input_ids.shape), 0.9, 1.0)
+    a_win, _ = ppo.advantages(fn, win, torch.zeros(win.input_ids.shape), 0.9, 1.0)
+    for b in range(len(trajs)):
+        want = algos.gather_at_step_ends(a_full[b:b + 1], full.step_ends[b:b + 1])[0]
+        rows = win.rows_of(torch.tensor([b]))
+        got = torch.cat([algos.gather_at_step_ends(a_win[r:r + 1], win.step_ends[r:r + 1])[0][win.step_ends[r] >= 0]
+                         for r in rows])
+        assert torch.allclose(got, want[full.step_ends[b] >= 0], atol=1e-6), b
+    assert not a_win[win.action_mask == 0].any()
+    assert int(win.action_mask.sum()) == int(full.action_mask.sum())  # each action trained once
+
+
+def test_history_window_needs_a_critic_free_algo(tok, tmp_path):
+    with pytest.raises(ValueError, match="history_turns=2 needs a critic-free"):
+        train_rl(small_cfg(algo="ppo"), tiny_model(tok), tok, None, None, None, tmp_path, Accelerator(cpu=True),
+                 None, tasks=TASKS, history_turns=2)

@@ -309,3 +309,39 @@ def test_accelerate_launch_two_processes_gathers_everything(tmp_path):
                 [5, "n-2", 2, 2]]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+
+
+def test_history_window_prompts_are_the_windowed_conversation_and_its_training_prefix(tok, monkeypatch):
+    """With rollout.history_turns the engine generates from system + first observation + the
+    window (`windowed_context`), extending the prompt within a block and re-encoding when the
+    window moves; each prompt is the prefix of the training sequence that scores that step."""
+    from rl.trajectory import tokenize_windows, windowed_context
+
+    model = _model(tok, seed=1)
+    orig = HFBackend.generate
+    seen = []
+
+    def spy(self, prompts, slots, seed):
+        seen.extend(tuple(p) for p in prompts)
+        return orig(self, prompts, slots, seed)
+
+    monkeypatch.setattr(HFBackend, "generate", spy)
+    cfg = RolloutConfig(max_turns=9, max_new_tokens=4, num_envs=2, history_turns=2)
+    trajs = collect_rollouts(model, tok, CountEnv, ["n-7", "n-3", "n-6"], cfg, seed=0, greedy=True)
+    assert len(seen) == sum(t.num_steps for t in trajs) == 16
+    for traj in trajs:
+        obs, acts = [s.observation for s in traj.steps], [s.action for s in traj.steps]
+        rows = {first + j: (view, e) for view, first in tokenize_windows(tok, traj, 2)
+                for j, e in enumerate(view.step_ends)}
+        for t in range(traj.num_steps):
+            prompt = encode_conversation(tok, traj.system_prompt, *windowed_context(obs, acts, t, 2), True).input_ids
+            assert tuple(prompt) in seen, (traj.traj_id, t)
+            view, _ = rows[t]
+            assert view.input_ids[: len(prompt)] == prompt and view.action_mask[len(prompt)] == 1
+        longest = max(len(p) for p in seen)
+        assert longest < len(tokenize_trajectory(tok, traj).input_ids) or traj.num_steps < 5
+    # greedy replies with the KV cache reused equal fresh prefills, across window moves
+    monkeypatch.setattr(HFBackend, "generate", orig)
+    cfg.reuse_cache = False
+    ref = collect_rollouts(model, tok, CountEnv, ["n-7", "n-3", "n-6"], cfg, seed=0, greedy=True)
+    assert _actions(ref) == _actions(trajs)

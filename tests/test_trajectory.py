@@ -145,3 +145,44 @@ def test_save_load_round_trip(tmp_path):
 
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(t.to_dict()) for t in trajs) + "\n")
     assert [t.to_dict() for t in load_trajectories(tmp_path / "t.jsonl")] == [t.to_dict() for t in trajs]
+
+
+def test_window_start_drops_the_oldest_k_turns_at_once():
+    from rl.trajectory import window_start, windowed_context
+
+    assert [window_start(i, 2) for i in range(8)] == [0, 0, 0, 0, 2, 2, 4, 4]
+    assert [window_start(i, 3) for i in range(10)] == [0] * 6 + [3] * 3 + [6]
+    assert [window_start(i, 0) for i in range(5)] == [0] * 5
+    obs, acts = [f"o{i}" for i in range(7)], [f"a{i}" for i in range(6)]
+    assert windowed_context(obs, acts, 3, 2) == (["o0", "o1", "o2", "o3"], ["a0", "a1", "a2"])
+    # step 5, k=2: first observation, then turns 2..4 (a2 -> o3, a3 -> o4, a4 -> o5)
+    assert windowed_context(obs, acts, 5, 2) == (["o0", "o3", "o4", "o5"], ["a2", "a3", "a4"])
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_windowed_token_view_scores_each_action_in_its_rollout_context(tok, k):
+    """Every step is trained in exactly one sequence, preceded by exactly the prompt the rollout
+    generated it from (system + first observation + its window), with exact masks."""
+    from rl.trajectory import tokenize_windows, windowed_context
+
+    obs = OBS + ["You walk west.", "You walk south."]
+    acts = ACTIONS + ["go west", "go south"]
+    traj = Trajectory(0, "t", [Step(o, a, True) for o, a in zip(obs, acts)], 1.0, True, system_prompt=SYSTEM)
+    blocks = tokenize_windows(tok, traj, k)
+    assert [first for _, first in blocks] == sorted({0, *range(2 * k, len(acts), k)})
+    assert sum(v.num_steps for v, _ in blocks) == len(acts)
+    eot = END_OF_TURN[tok.template_name]
+    for view, first in blocks:
+        spans = _spans(view)
+        assert len(spans) == view.num_steps and [e for _, e in spans] == view.step_ends
+        for j, (start, end) in enumerate(spans):
+            step = first + j
+            prompt = encode_conversation(tok, SYSTEM, *windowed_context(obs, acts, step, k), True).input_ids
+            assert view.input_ids[:start] == prompt, (k, step)
+            assert tok.decode(view.input_ids[start:end + 1]) == acts[step] + eot
+    # no window: one sequence, the usual view
+    (full, first), = tokenize_windows(tok, traj, 0)
+    assert first == 0 and full == tokenize_trajectory(tok, traj)
+    # a max_length cut keeps whole steps and ends the list
+    cut = tokenize_windows(tok, traj, k, max_length=blocks[0][0].step_ends[-1])
+    assert len(cut) == 1 and cut[0][0].num_steps == blocks[0][0].num_steps - 1

@@ -4,10 +4,14 @@ Each iteration:
   1. draw `tasks_per_iter` train tasks from (seed, iteration) and roll each out `group_size`
      times with the current policy (`rollout_fn`, bound by the pipeline to an env + RolloutConfig);
   2. tokenize every trajectory as ONE chat sequence (`rl.trajectory.tokenize_trajectory`), the
-     policy's tokens marked by `action_mask`, step k ending at `step_ends[k]`;
+     policy's tokens marked by `action_mask`, step k ending at `step_ends[k]` (with a rollout
+     history window: one sequence per window block, each action in the context it was sampled in);
   3. per-step rewards from `credit_fn` (terminal, SPA progress, ...), placed at `step_ends`;
-  4. old log-probs, values (critic) and reference log-probs, computed once, sharded over processes
-     and gathered, so every process holds the same batch;
+  4. old log-probs, values (critic) and reference log-probs, computed once in length-sorted
+     micro-batches, sharded over processes and gathered, so every process holds the same batch.
+     Log-probs are taken at action tokens only, the LM head run on those hidden states in chunks
+     (no (B, T, V) logits). Without critic and dropout, the first minibatch of epoch 0 is not
+     scored here: the update's forward runs on the sampling weights, so old = new.detach();
   5. advantages by name from `algos.ADVANTAGE_ESTIMATORS` (GAE over action tokens, GAE over turns,
      group-normalised or leave-one-out returns);
   6. `ppo_epochs` passes of shuffled minibatches (each process takes its slice, split into
@@ -48,7 +52,7 @@ from torch import nn
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.phases import peak_rss_gib, phase, reset_peak_rss
-from rl.trajectory import Trajectory, tokenize_trajectory
+from rl.trajectory import TokenView, Trajectory, tokenize_windows
 
 log = logging.getLogger(__name__)
 
@@ -168,44 +172,84 @@ class PolicyWithValue(nn.Module):
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # (N, T) right-padded with the pad token
-    attention_mask: torch.Tensor  # (N, T) 1 on real tokens
-    action_mask: torch.Tensor  # (N, T) 1 on policy-generated tokens
-    step_ends: torch.Tensor  # (N, S) last action token of each step, -1 padding
-    step_rewards: torch.Tensor  # (N, S) credit per kept step, 0 padding
+    """R training sequences of N trajectories: R = N, one sequence each, unless the rollout used a
+    history window (then one per window block, `rl.trajectory.tokenize_windows`)."""
+
+    input_ids: torch.Tensor  # (R, T) right-padded with the pad token
+    attention_mask: torch.Tensor  # (R, T) 1 on real tokens
+    action_mask: torch.Tensor  # (R, T) 1 on policy-generated tokens trained in this sequence
+    step_ends: torch.Tensor  # (R, S_row) last action token of each of the sequence's steps, -1 padding
+    step_rewards: torch.Tensor  # (N, S) credit per kept step of each trajectory, 0 padding
     group_ids: torch.Tensor  # (N,) integer task group
+    row_traj: torch.Tensor | None = None  # (R,) trajectory of each sequence (None: row i is trajectory i)
+    row_first_step: torch.Tensor | None = None  # (R,) trajectory step index of the sequence's first step
+
+    @property
+    def one_row_per_trajectory(self) -> bool:
+        return self.row_traj is None
+
+    def rows_of(self, trajs: torch.Tensor) -> torch.Tensor:
+        """Sequence indices of the trajectories `trajs` (ascending)."""
+        if self.row_traj is None:
+            return trajs.sort().values
+        return torch.nonzero(torch.isin(self.row_traj, trajs)).squeeze(1)
 
 
-def build_batch(tokenizer, trajs: Sequence[Trajectory], rewards: Sequence[Sequence[float]], max_length: int) -> Batch:
-    """Tokenize trajectories into one padded batch; rewards of steps cut by max_length are added
-    to the last kept step."""
+def build_batch(tokenizer, trajs: Sequence[Trajectory], rewards: Sequence[Sequence[float]], max_length: int,
+                history_turns: int = 0) -> Batch:
+    """Tokenize trajectories into one padded batch (with `history_turns`, each in the window blocks
+    its rollout saw); rewards of steps cut by max_length are added to the last kept step."""
     if len(rewards) != len(trajs):
         raise ValueError(f"credit_fn returned {len(rewards)} reward lists for {len(trajs)} trajectories")
-    views, kept_rewards = [], []
-    for traj, r in zip(trajs, rewards):
+    views, row_traj, row_first, kept_rewards = [], [], [], []
+    for b, (traj, r) in enumerate(zip(trajs, rewards)):
         if len(r) != traj.num_steps:
             raise ValueError(f"credit_fn gave {len(r)} rewards for trajectory {traj.traj_id} with {traj.num_steps} steps")
-        view = tokenize_trajectory(tokenizer, traj, max_length)
-        k = view.num_steps
+        blocks = tokenize_windows(tokenizer, traj, history_turns, max_length)
+        if not blocks:  # not even the first step fits: an empty sequence without loss
+            blocks = [(TokenView([], [], [], 0), 0)]
+        k = sum(v.num_steps for v, _ in blocks)
         kr = [float(x) for x in r[:k]]
         if 0 < k < len(r):
             kr[-1] += float(sum(r[k:]))
-        views.append(view)
+        for v, first in blocks:
+            views.append(v)
+            row_traj.append(b)
+            row_first.append(first)
         kept_rewards.append(kr)
     T = max(max(len(v.input_ids) for v in views), 2)
-    N = len(views)
+    R = len(views)
     pad = tokenizer.pad_token_id
-    ids = torch.full((N, T), pad, dtype=torch.long)
-    attn = torch.zeros(N, T, dtype=torch.long)
-    amask = torch.zeros(N, T, dtype=torch.long)
+    ids = torch.full((R, T), pad, dtype=torch.long)
+    attn = torch.zeros(R, T, dtype=torch.long)
+    amask = torch.zeros(R, T, dtype=torch.long)
     for i, v in enumerate(views):
         n = len(v.input_ids)
         ids[i, :n] = torch.tensor(v.input_ids, dtype=torch.long)
         attn[i, :n] = 1
         amask[i, :n] = torch.tensor(v.action_mask, dtype=torch.long)
     ends = algos.pad_step_ends([v.step_ends for v in views])
-    return Batch(ids, attn, amask, ends, algos.pad_step_values(kept_rewards, ends.shape[1]),
-                 torch.tensor([t.group_id for t in trajs], dtype=torch.long))
+    width = max((len(x) for x in kept_rewards), default=0)
+    windowed = history_turns > 0
+    return Batch(ids, attn, amask, ends, algos.pad_step_values(kept_rewards, width),
+                 torch.tensor([t.group_id for t in trajs], dtype=torch.long),
+                 torch.tensor(row_traj) if windowed else None, torch.tensor(row_first) if windowed else None)
+
+
+def advantages(est_fn: algos.AdvantageFn, batch: Batch, values: torch.Tensor, gamma: float, lam: float):
+    """(advantages, returns), (R, T), from the estimator. Windowed batches (critic-free estimators
+    only) run it on a step view, one position per step (step s of trajectory b at [b, s]), and
+    give each action token its step's advantage, with the same result as the full sequences."""
+    if batch.one_row_per_trajectory:
+        return est_fn(batch.step_rewards, values, batch.action_mask, batch.step_ends, batch.group_ids, gamma, lam)
+    N, S = batch.step_rewards.shape
+    n_steps = torch.bincount(batch.row_traj, weights=(batch.step_ends >= 0).sum(1).float(), minlength=N)
+    valid = torch.arange(S).unsqueeze(0) < n_steps.unsqueeze(1)
+    ends = torch.where(valid, torch.arange(S).expand(N, S), torch.full((N, S), -1))
+    adv_steps, _ = est_fn(batch.step_rewards, torch.zeros(N, S), valid.long(), ends, batch.group_ids, gamma, lam)
+    local = algos.token_step_index(batch.action_mask, batch.step_ends)  # (R, T) step within the sequence
+    got = adv_steps[batch.row_traj].gather(1, (batch.row_first_step.unsqueeze(1) + local).clamp(0, max(S - 1, 0)))
+    return torch.where(local >= 0, got, torch.zeros_like(got)), torch.zeros_like(values)
 
 
 def token_counts(batch: Batch) -> dict[str, int]:
@@ -242,10 +286,10 @@ def _score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n
     outs = [torch.zeros(N, T) for _ in range(n_out)]
     if rows.numel() == 0:
         return outs
-    if rows.numel() % world:
-        raise ValueError(f"{rows.numel()} rows to score do not split over {world} processes")
     lengths = batch.attention_mask[rows].sum(1)
     order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    if len(order) % world:  # equal shares for the gather: a few rows are scored twice
+        order = torch.cat([order, order[:world - len(order) % world]])
     mine = order[accelerator.process_index::world]
     got = [torch.zeros(len(mine), T) for _ in range(n_out)]
     for s in range(0, len(mine), chunk):
@@ -339,12 +383,13 @@ def _is_peft(model) -> bool:
 
 def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn: CreditFn, eval_fn: EvalFn | None,
              run_dir, accelerator, tracker, resume: bool = False, ref_model=None, *,
-             tasks: Sequence[str], temperature: float = 1.0) -> nn.Module:
+             tasks: Sequence[str], temperature: float = 1.0, history_turns: int = 0) -> nn.Module:
     """Train `policy` with PPO/GRPO/RLOO on the train `tasks`; returns the (unwrapped) policy.
 
     `temperature` is the one `rollout_fn` samples at: every log-prob (old, new, reference) and the
     entropy are taken from logits / temperature, so the PPO ratio compares the distributions the
-    actions were really drawn from.
+    actions were really drawn from. `history_turns` is the rollout's history window
+    (rollout.history_turns): each action is scored in the context it was sampled in.
 
     The reference for the KL term is, when kl_coef > 0: the policy with its LoRA adapter disabled
     (peft models: no second copy), else `ref_model`, else a frozen deep copy of the initial policy.
@@ -360,6 +405,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                          f"rl.minibatch_size={cfg.minibatch_size}")
     if not tasks:
         raise ValueError("train_rl: the list of train tasks is empty")
+    if history_turns > 0 and cfg.uses_critic:
+        raise ValueError(f"rollout.history_turns={history_turns} needs a critic-free rl.algo (grpo, rloo, gigpo): "
+                         f"rl.algo={cfg.algo!r} with advantage_level={cfg.advantage_level!r} uses a critic")
     if not temperature > 0:
         raise ValueError(f"train_rl: sampling temperature {temperature} must be > 0 (greedy rollouts have no "
                          "policy gradient); set rollout.temperature")
@@ -420,7 +468,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         if len(trajs) != n_batch:
             raise RuntimeError(f"rollout_fn returned {len(trajs)} trajectories, expected {n_batch}")
         with phase("credit", timing):
-            batch = build_batch(tokenizer, trajs, credit_fn(trajs), cfg.max_length)
+            batch = build_batch(tokenizer, trajs, credit_fn(trajs), cfg.max_length, history_turns)
 
         # 4-5: old log-probs / values / reference, advantages. Without a critic and dropout, the
         # first minibatch of epoch 0 is scored by the update itself: its forward runs on the
@@ -428,13 +476,12 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         perms = [torch.randperm(n_batch, generator=torch.Generator().manual_seed(_iter_seed(cfg.seed, it, 1 + e)))
                  for e in range(cfg.ppo_epochs)]
         first_mb = perms[0][:cfg.minibatch_size] if not (cfg.uses_critic or dropout) else torch.arange(0)
-        old_rows = torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long)
+        old_rows = batch.rows_of(torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long))
         with phase("score", timing):
             old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
                                                     cfg.uses_critic, cfg.kl_coef > 0, temperature, old_rows)
             mask = batch.action_mask
-            adv, returns = est_fn(batch.step_rewards, old_values, mask, batch.step_ends, batch.group_ids,
-                                  cfg.gamma, cfg.lam)
+            adv, returns = advantages(est_fn, batch, old_values, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages and cfg.uses_critic:
                 adv = algos.masked_whiten(adv, mask)
 
@@ -449,14 +496,13 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
             for mb_start in range(0, n_batch, cfg.minibatch_size):
                 mb = perm[mb_start:mb_start + cfg.minibatch_size]
                 fill_old = epoch == 0 and mb_start == 0 and len(first_mb) > 0
-                mine = mb[accelerator.process_index * micro * gas:(accelerator.process_index + 1) * micro * gas]
+                mine = batch.rows_of(mb[accelerator.process_index * micro * gas:(accelerator.process_index + 1) * micro * gas])
                 # micro-batches of similar lengths (the step's gradient is a sum: order is free)
                 mine = mine[torch.argsort(lengths[mine], descending=True, stable=True)]
                 # accelerate divides each loss by gas and DDP averages over processes: scale the
                 # token-sum normaliser back so the step's gradient is the minibatch token mean
-                norm = float(mask[mb].sum().clamp(min=1)) / (world * gas)
-                for k in range(gas):
-                    idx = mine[k * micro:(k + 1) * micro]
+                norm = float(mask[batch.rows_of(mb)].sum().clamp(min=1)) / (world * gas)
+                for idx in torch.tensor_split(mine, gas):
                     length = max(int(batch.attention_mask[idx].sum(1).max()), 2)
                     take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
                     ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
@@ -504,7 +550,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
             "kl_ref": algos.masked_mean(kl_fn(old_logp, ref_logp), mask).item() if cfg.kl_coef > 0 else 0.0,
             "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
             "tokens_per_s": s[7] / max(update_time, 1e-9), **token_counts(batch), **timing,
-            "score_sequences": len(old_rows) + (n_batch if cfg.kl_coef > 0 else 0),  # forward passes of one sequence
+            "score_sequences": len(old_rows) + (len(mask) if cfg.kl_coef > 0 else 0),  # sequences through a forward
         }
         if cfg.uses_critic:
             metrics["explained_var"] = algos.explained_variance(old_values, returns, mask)
