@@ -199,7 +199,8 @@ def run_rl(ctx) -> dict:
 
     policy = train_rl(seeded(cfg.rl, cfg.seed), policy, tokenizer, rollout_fn, _credit_fn(ctx, tokenizer), _eval_fn(ctx, tokenizer),
                       run_dir=ctx.run_dir / "rl", accelerator=ctx.accelerator, tracker=ctx.tracker,
-                      resume=cfg.resume, tasks=ctx.tasks[cfg.env.train_split], temperature=rollout_cfg.temperature)
+                      resume=cfg.resume, tasks=ctx.tasks[cfg.env.train_split], temperature=rollout_cfg.temperature,
+                      history_turns=rollout_cfg.history_turns)
     if ctx.accelerator.is_main_process:
         save_model(ctx.accelerator.unwrap_model(policy), tokenizer, ctx.run_dir / "rl" / "model")
     return {}
