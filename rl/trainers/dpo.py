@@ -27,9 +27,11 @@ Pairs need a value gap strictly greater than `min_margin`; identical pairs are k
 longer than `max_length` lose their oldest user/assistant turns (the system prompt and the last
 observation stay) so late decisions are not dropped by TRL's keep-start truncation.
 
-Reference model: with a peft model TRL disables the adapter to get the reference; otherwise a
-frozen copy of the starting model is made (or pass `ref_model`, or set `precompute_ref_log_probs`
-to score all pairs once before training and keep no second model). TRL's own reporting is off;
+Reference model: the policy the stage starts from. With a peft model TRL (1.16) keeps a frozen copy
+of the adapter as the reference (a fresh adapter: the model with adapters disabled); the pipeline
+hands it a fresh LoRA on the SFT policy's merged weights (`rl.models.load_model`), so both are the
+SFT policy. Otherwise a frozen copy of the starting model is made (or pass `ref_model`, or set
+`precompute_ref_log_probs` to score all pairs once before training and keep no second model). TRL's own reporting is off;
 its logs reach `log_fn` as dpo/loss, dpo/rewards/margins, dpo/rewards/accuracies, ...
 """
 

@@ -43,6 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from rl.models import adapter_base_missing
 from rl.trajectory import Trajectory, tokenize_trajectory, validate_trajectory
 
 IGNORE_INDEX = -100  # label of tokens outside the loss (transformers' convention)
@@ -148,17 +149,6 @@ def trainer_args(config_cls, cfg, out_dir: Path, bf16: bool, **extra):
     )
 
 
-def _adapter_base_missing(model) -> bool:
-    """A peft model whose base has no local dir or hub id (e.g. the tiny model built in code): an
-    adapter saved alone could not be loaded again."""
-    from accelerate.utils import is_peft_model
-
-    if not is_peft_model(model):
-        return False
-    name = model.get_base_model().config.name_or_path or ""
-    return not name or not (Path(name).exists() or name.count("/") == 1)
-
-
 def finish(trainer, out_dir: Path) -> None:
     """Save model (or adapter) + tokenizer to out_dir atomically: temp dir on the side, then rename.
     A LoRA model whose base cannot be found again by name is saved merged (full weights)."""
@@ -168,7 +158,7 @@ def finish(trainer, out_dir: Path) -> None:
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    if _adapter_base_missing(trainer.model):
+    if adapter_base_missing(trainer.model):
         if acc.is_main_process:
             copy.deepcopy(trainer.model).merge_and_unload().save_pretrained(tmp)
             trainer.processing_class.save_pretrained(tmp)
