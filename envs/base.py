@@ -5,10 +5,16 @@ An environment is any object with this shape (Gymnasium-like, for text):
     env.tasks(split) -> list[str]                  # task ids of "train" / "test" (/ "dev")
     env.reset(task) -> (observation, info)         # first observation of that task
     env.step(action) -> (observation, reward, done, info)
-    env.system_prompt: str                         # instructions + action format shown to the policy
-    env.parse_action(reply) -> str | None          # model reply -> action, None when unparseable
-    env.expert_actions(task) -> list[str]          # optional: a winning action sequence
+    env.system_prompt: str                         # optional: instructions + action format shown to
+                                                   #   the policy; default "" (no system message: the
+                                                   #   conversation opens with the first observation)
+    env.parse_action(reply) -> str | None          # optional: model reply -> action, None when
+                                                   #   unparseable; default `first_command_line`
+    env.expert_actions(task) -> list[str]          # optional: a winning action sequence (sft needs it)
     env.close()                                    # optional
+
+`make_env` checks the three required methods (EnvError naming the missing one) and gives an env
+without the optional attributes their defaults, so a plain class with tasks/reset/step runs.
 
 `info` from `step` always carries `valid` (the action was executable: the grounding signal),
 `won` (the task is solved) and `score` (the outcome so far, in [0, 1]). Environments may add keys
@@ -32,7 +38,7 @@ SPLITS = ("train", "dev", "test")
 
 @runtime_checkable
 class TextEnv(Protocol):
-    system_prompt: str
+    """The required part of the protocol; `make_env` adds `system_prompt` and `parse_action`."""
 
     def tasks(self, split: str) -> list[str]: ...
 
@@ -40,7 +46,8 @@ class TextEnv(Protocol):
 
     def step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]: ...
 
-    def parse_action(self, reply: str) -> str | None: ...
+
+REQUIRED_METHODS = ("tasks", "reset", "step")
 
 
 _REPLY_PREFIX = re.compile(r"^(action\s*:|>)\s*")
@@ -120,9 +127,26 @@ def make_env(name: str, **kwargs: Any) -> TextEnv:
     """Build an environment by registered name or `module:Class`, passing recipe options."""
     cls = resolve_env_class(name)
     try:
-        return cls(**kwargs)
+        env = cls(**kwargs)
     except TypeError as e:
         raise EnvError(f"env {name!r}: bad options {sorted(kwargs)}: {e}") from e
+    return with_defaults(env, name)
+
+
+def with_defaults(env: Any, name: str) -> TextEnv:
+    """Check `env` has the protocol's required methods and give it the optional attributes'
+    defaults (set on the instance): no system prompt, `first_command_line` as its parser."""
+    missing = [m for m in REQUIRED_METHODS if not callable(getattr(env, m, None))]
+    if missing:
+        raise EnvError(f"env {name!r} ({type(env).__name__}) has no {', '.join(m + '()' for m in missing)}; an env "
+                       "needs tasks(split), reset(task) and step(action) (see envs/base.py)")
+    if getattr(env, "system_prompt", None) is None:
+        env.system_prompt = ""
+    if not isinstance(env.system_prompt, str):
+        raise EnvError(f"env {name!r}: system_prompt must be a str, got {type(env.system_prompt).__name__}")
+    if getattr(env, "parse_action", None) is None:
+        env.parse_action = first_command_line
+    return env
 
 
 def check_env(env: TextEnv, split: str = "train", max_tasks: int = 2) -> None:
@@ -131,11 +155,12 @@ def check_env(env: TextEnv, split: str = "train", max_tasks: int = 2) -> None:
     Runs a couple of episodes with the expert actions when the env offers them (they must win)
     and checks the info keys, types and that an unparseable reply is handled.
     """
-    assert isinstance(getattr(env, "system_prompt", None), str), "env.system_prompt must be a str"
+    assert isinstance(getattr(env, "system_prompt", ""), str), "env.system_prompt must be a str"
     tasks = env.tasks(split)
     assert isinstance(tasks, list) and tasks, f"env.tasks({split!r}) must be a non-empty list"
     assert all(isinstance(t, str) for t in tasks), "task ids must be strings"
-    assert env.parse_action("") is None or isinstance(env.parse_action(""), str)
+    parse_action = getattr(env, "parse_action", first_command_line)
+    assert parse_action("") is None or isinstance(parse_action(""), str)
     for task in tasks[:max_tasks]:
         obs, info = env.reset(task)
         assert isinstance(obs, str) and obs, "reset must return a non-empty observation string"

@@ -110,10 +110,13 @@ def build_context(cfg: RunConfig, with_trackers: bool = True) -> Context:
     the accelerator, so bad input fails before any work starts."""
     from accelerate import Accelerator
 
-    from envs import make_env
+    from envs import EnvError, make_env
     from rl.models import BUILTIN_MODELS, resolve_model_dir
 
     env = make_env(cfg.env.name, **cfg.env.options)  # raises EnvError naming what is missing
+    if "sft" in cfg.stages and not callable(getattr(env, "expert_actions", None)):
+        raise EnvError(f"env {cfg.env.name!r} has no expert_actions(task), which the sft stage clones; "
+                       "remove sft from stages")
     tasks = {}
     for split in (cfg.env.train_split, cfg.env.eval_split, cfg.env.dev_split):
         if split:

@@ -138,3 +138,47 @@ def test_missing_model_path_fails_fast(tmp_path):
     msg = _fails_fast(tmp_path, [f"model.name={tmp_path}/no-such-model"])
     assert msg == (f"error: model {str(tmp_path / 'no-such-model')!r} is not a built-in ['tiny', 'tiny-llama3', "
                    "'smollm2-135m'], not an existing directory, and not a hub id ('org/name')")
+
+
+USER_ENV = [
+    "env.name=tests.user_env:EchoEnv", "env.options={num_train: 12}", "stages=[sft,explore,rl,eval]",
+    "credit.mode=terminal", "model.tiny_hidden=64", "model.tiny_layers=2", "rollout.max_turns=3",
+    "rollout.max_new_tokens=4", "rollout.num_envs=4", "sft.epochs=20", "sft.lr=3e-3", "sft.batch_size=4",
+    "explore.rollouts_per_task=1", "rl.iterations=1", "rl.tasks_per_iter=2", "rl.group_size=2",
+    "rl.minibatch_size=4", "rl.eval_every=1", "num_threads=1",
+]
+
+
+@pytest.mark.slow
+def test_a_users_plain_env_runs_the_whole_pipeline(tmp_path):
+    """tests/user_env.py: tasks/reset/step/expert_actions only, named by module path in the recipe."""
+    from envs.base import first_command_line
+    from rl.models import load_tokenizer
+    from rl.train import main
+    from rl.trajectory import load_trajectories, tokenize_trajectory
+
+    assert main([str(ROOT / "recipes" / "quickstart.yaml"), *USER_ENV, f"output_dir={tmp_path}", "name=user"]) == 0
+    run_dir = tmp_path / "user"
+    tok = load_tokenizer(str(run_dir / "sft" / "model"))
+    demos = load_trajectories(run_dir / "sft" / "demos")
+    assert len(demos) == 12 and all(d.system_prompt == "" for d in demos)
+    text = tok.decode(tokenize_trajectory(tok, demos[0]).input_ids)
+    assert text.startswith("<|im_start|>user\nSay north.<|im_end|>\n<|im_start|>assistant\nnorth<|im_end|>")
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert set(results) == {"sft", "rl"} and all(r["eval/episodes"] == 4 for r in results.values())
+    assert results["sft"]["eval/success_rate"] >= 0.75  # cloned from demos that had no system prompt
+    # replies were read by the default parser, first_command_line: valid exactly when it gives the word asked for
+    steps = [s for label in ("sft", "rl") for t in load_trajectories(run_dir / "eval" / f"trajectories_{label}")
+             for s in t.steps] + [s for t in load_trajectories(run_dir / "explore" / "trajectories") for s in t.steps]
+    assert any(s.valid for s in steps) and not all(s.valid for s in steps)  # explore samples at temperature 0.5
+    for s in steps:
+        assert s.valid == (first_command_line(s.action) == s.observation.split("Say ")[-1].rstrip(".")), s
+
+
+def test_env_without_a_required_method_fails_at_start(tmp_path):
+    msg = _fails_fast(tmp_path, ["env.name=tests.user_env:EnvWithoutStep", "env.options={}"])
+    assert msg == ("error: env 'tests.user_env:EnvWithoutStep' (EnvWithoutStep) has no step(); an env needs "
+                   "tasks(split), reset(task) and step(action) (see envs/base.py)")
+    msg = _fails_fast(tmp_path, ["env.name=tests.user_env:EnvWithoutExpert", "env.options={}"])
+    assert msg == ("error: env 'tests.user_env:EnvWithoutExpert' has no expert_actions(task), which the sft stage "
+                   "clones; remove sft from stages")
