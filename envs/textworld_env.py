@@ -121,6 +121,11 @@ def _generate_game(tw, folder: Path, seed: int, quest_length: int, world_size: i
         meta = {"seed": seed, "rejected": f"{type(e).__name__}: {e}"}
         _write_json_atomic(folder / f"{seed}.meta.json", meta)
         return meta
+    return _save_game(tw, folder, seed, game, opts)
+
+
+def _save_game(tw, folder: Path, seed: int, game, opts) -> dict:
+    """Compile a made game into `folder/<seed>.z8|.json` and write its meta record (last)."""
     build = Path(tempfile.mkdtemp(prefix=f"build-{seed}-", dir=folder))
     try:
         opts.path = str(build) + os.sep
@@ -284,12 +289,16 @@ class TextWorldEnv:
                 "score": 1.0 if self._won else 0.0, "steps": self._steps,
                 "admissible": [] if self._done else list(self._admissible.values())}
 
+    def _env_infos(self):
+        """What the engine reports each step (a subclass may ask for more)."""
+        return self._tw.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
+                                 max_score=True, objective=True, extras=["walkthrough"])
+
     def reset(self, task: str) -> tuple[str, dict[str, Any]]:
         path = self.cache_dir / f"{self._game(task)['seed']}.z8"
         if self._env is None or self._env_path != path:
             self.close()
-            infos = self._tw.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
-                                      max_score=True, objective=True, extras=["walkthrough"])
+            infos = self._env_infos()
             with warnings.catch_warnings():  # jericho: "not fully supported"; TextWorld scores
                 warnings.filterwarnings("ignore", message=".*not fully supported.*")
                 self._env = self._tw.start(str(path), request_infos=infos)
