@@ -1,0 +1,226 @@
+"""The RL batch and the model's numbers on it: trajectories tokenized into padded sequences
+(`build_batch`), advantages over them (`advantages`), and log-probs / entropies / values of the
+action tokens under the policy, its critic and the reference (`PolicyWithValue`, `score`).
+
+Memory: log-probs are taken from the last hidden states through the LM head at action tokens only,
+in checkpointed chunks (`algos.selected_token_logprobs`): no (B, T, V) logits ever exist, so a
+forward's memory is set by the micro-batch's hidden states, not the vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from rl import algos
+from rl.trajectory import TokenView, Trajectory, tokenize_windows
+
+
+def lm_logprobs(lm: nn.Module, input_ids, attention_mask, positions, temperature: float = 1.0):
+    """Log-probs and entropies (B, T) of the tokens at `positions` under a causal LM at
+    `temperature`, and its last hidden states (B, T, H). The decoder runs without its LM head; the
+    head runs only at the scored positions, in chunks (`algos.selected_token_logprobs`), so no
+    (B, T, V) logits exist: with a 49k vocabulary they were most of a step's memory."""
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft: LoRA layers are inside
+    head = base.get_output_embeddings()
+    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    logp, ent = algos.selected_token_logprobs(hidden, head.weight, input_ids, positions, temperature, head.bias,
+                                              softcap=getattr(base.config, "final_logit_softcapping", None))
+    return logp, ent, hidden
+
+
+class PolicyWithValue(nn.Module):
+    """The policy plus, for PPO, a critic: a Linear value head on the last hidden state of the
+    policy itself ("shared") or of its own copy of the backbone ("separate").
+
+    forward(input_ids, attention_mask, positions, temperature, with_values) -> (logp (B, T),
+    entropy (B, T), values (B, T) or None): log-probs and entropies at `positions` (0 elsewhere,
+    see `lm_logprobs`), values aligned like log-probs: values[:, t] = V(tokens < t), read from
+    hidden state t-1.
+    """
+
+    def __init__(self, policy: nn.Module, critic: str | None):
+        super().__init__()
+        self.policy = policy
+        self.critic_backbone = copy.deepcopy(policy) if critic == "separate" else None
+        if critic:
+            hidden = policy.config.hidden_size
+            self.value_head = nn.Linear(hidden, 1)
+            nn.init.zeros_(self.value_head.weight)
+            nn.init.zeros_(self.value_head.bias)
+        else:
+            self.value_head = None
+
+    def forward(self, input_ids, attention_mask, positions, temperature: float = 1.0, with_values: bool = True):
+        logp, ent, hidden = lm_logprobs(self.policy, input_ids, attention_mask, positions, temperature)
+        if self.value_head is None or not with_values:
+            return logp, ent, None
+        if self.critic_backbone is not None:
+            base = self.critic_backbone
+            base = base.get_base_model() if hasattr(base, "get_base_model") else base
+            hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        v = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        return logp, ent, nn.functional.pad(v[:, :-1], (1, 0))
+
+
+@dataclass
+class Batch:
+    """R training sequences of N trajectories: R = N, one sequence each, unless the rollout used a
+    history window (then one per window block, `rl.trajectory.tokenize_windows`)."""
+
+    input_ids: torch.Tensor  # (R, T) right-padded with the pad token
+    attention_mask: torch.Tensor  # (R, T) 1 on real tokens
+    action_mask: torch.Tensor  # (R, T) 1 on policy-generated tokens trained in this sequence
+    step_ends: torch.Tensor  # (R, S_row) last action token of each of the sequence's steps, -1 padding
+    step_rewards: torch.Tensor  # (N, S) credit per kept step of each trajectory, 0 padding
+    group_ids: torch.Tensor  # (N,) integer task group
+    row_traj: torch.Tensor | None = None  # (R,) trajectory of each sequence (None: row i is trajectory i)
+    row_first_step: torch.Tensor | None = None  # (R,) trajectory step index of the sequence's first step
+
+    @property
+    def one_row_per_trajectory(self) -> bool:
+        return self.row_traj is None
+
+    def rows_of(self, trajs: torch.Tensor) -> torch.Tensor:
+        """Sequence indices of the trajectories `trajs` (ascending)."""
+        if self.row_traj is None:
+            return trajs.sort().values
+        return torch.nonzero(torch.isin(self.row_traj, trajs)).squeeze(1)
+
+
+def build_batch(tokenizer, trajs: Sequence[Trajectory], rewards: Sequence[Sequence[float]], max_length: int,
+                history_turns: int = 0) -> Batch:
+    """Tokenize trajectories into one padded batch (with `history_turns`, each in the window blocks
+    its rollout saw); rewards of steps cut by max_length are added to the last kept step."""
+    if len(rewards) != len(trajs):
+        raise ValueError(f"credit_fn returned {len(rewards)} reward lists for {len(trajs)} trajectories")
+    views, row_traj, row_first, kept_rewards = [], [], [], []
+    for b, (traj, r) in enumerate(zip(trajs, rewards)):
+        if len(r) != traj.num_steps:
+            raise ValueError(f"credit_fn gave {len(r)} rewards for trajectory {traj.traj_id} with {traj.num_steps} steps")
+        blocks = tokenize_windows(tokenizer, traj, history_turns, max_length)
+        if not blocks:  # not even the first step fits: an empty sequence without loss
+            blocks = [(TokenView([], [], [], 0), 0)]
+        k = sum(v.num_steps for v, _ in blocks)
+        kr = [float(x) for x in r[:k]]
+        if 0 < k < len(r):
+            kr[-1] += float(sum(r[k:]))
+        for v, first in blocks:
+            views.append(v)
+            row_traj.append(b)
+            row_first.append(first)
+        kept_rewards.append(kr)
+    T = max(max(len(v.input_ids) for v in views), 2)
+    R = len(views)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((R, T), pad, dtype=torch.long)
+    attn = torch.zeros(R, T, dtype=torch.long)
+    amask = torch.zeros(R, T, dtype=torch.long)
+    for i, v in enumerate(views):
+        n = len(v.input_ids)
+        ids[i, :n] = torch.tensor(v.input_ids, dtype=torch.long)
+        attn[i, :n] = 1
+        amask[i, :n] = torch.tensor(v.action_mask, dtype=torch.long)
+    ends = algos.pad_step_ends([v.step_ends for v in views])
+    width = max((len(x) for x in kept_rewards), default=0)
+    windowed = history_turns > 0
+    return Batch(ids, attn, amask, ends, algos.pad_step_values(kept_rewards, width),
+                 torch.tensor([t.group_id for t in trajs], dtype=torch.long),
+                 torch.tensor(row_traj) if windowed else None, torch.tensor(row_first) if windowed else None)
+
+
+def advantages(est_fn: algos.AdvantageFn, batch: Batch, values: torch.Tensor, gamma: float, lam: float):
+    """(advantages, returns), (R, T), from the estimator. Windowed batches (critic-free estimators
+    only) run it on a step view, one position per step (step s of trajectory b at [b, s]), and
+    give each action token its step's advantage, with the same result as the full sequences."""
+    if batch.one_row_per_trajectory:
+        return est_fn(batch.step_rewards, values, batch.action_mask, batch.step_ends, batch.group_ids, gamma, lam)
+    N, S = batch.step_rewards.shape
+    n_steps = torch.bincount(batch.row_traj, weights=(batch.step_ends >= 0).sum(1).float(), minlength=N)
+    valid = torch.arange(S).unsqueeze(0) < n_steps.unsqueeze(1)
+    ends = torch.where(valid, torch.arange(S).expand(N, S), torch.full((N, S), -1))
+    adv_steps, _ = est_fn(batch.step_rewards, torch.zeros(N, S), valid.long(), ends, batch.group_ids, gamma, lam)
+    local = algos.token_step_index(batch.action_mask, batch.step_ends)  # (R, T) step within the sequence
+    got = adv_steps[batch.row_traj].gather(1, (batch.row_first_step.unsqueeze(1) + local).clamp(0, max(S - 1, 0)))
+    return torch.where(local >= 0, got, torch.zeros_like(got)), torch.zeros_like(values)
+
+
+def token_counts(batch: Batch) -> dict[str, int]:
+    """The batch's real tokens by role: prompt (before the first action: system prompt + first
+    observation), observation (later non-action tokens), action; and the padded size (N x T)."""
+    attn, act = batch.attention_mask.bool(), batch.action_mask.bool()
+    seen_action = act.long().cumsum(1) > 0
+    return {"prompt_tokens": int((attn & ~seen_action).sum()), "observation_tokens": int((attn & seen_action & ~act).sum()),
+            "action_tokens": int(act.sum()), "padded_tokens": int(attn.numel())}
+
+
+@torch.no_grad()
+def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int) -> list[torch.Tensor]:
+    """Run `fn(ids, attn, action_mask) -> n_out x (b, L)` over the trajectories `rows` and return
+    n_out x (N, T) (0 on the rows not scored).
+
+    Rows go longest first in micro-batches of `chunk`, each cut to its own longest sequence (no
+    padding to the batch's T); process p takes every P-th row of that order (equal shares, similar
+    lengths) and the shares are gathered, so every process holds the same result."""
+    N, T = batch.input_ids.shape
+    world, dev = accelerator.num_processes, accelerator.device
+    outs = [torch.zeros(N, T) for _ in range(n_out)]
+    if rows.numel() == 0:
+        return outs
+    lengths = batch.attention_mask[rows].sum(1)
+    order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    if len(order) % world:  # equal shares for the gather: a few rows are scored twice
+        order = torch.cat([order, order[:world - len(order) % world]])
+    mine = order[accelerator.process_index::world]
+    got = [torch.zeros(len(mine), T) for _ in range(n_out)]
+    for s in range(0, len(mine), chunk):
+        idx = mine[s:s + chunk]
+        L = max(int(batch.attention_mask[idx].sum(1).max()), 2)
+        res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
+        for g, r in zip(got, res):
+            g[s:s + len(idx), :L] = r.float().cpu()
+    ranked = torch.cat([order[r::world] for r in range(world)])
+    for o, g in zip(outs, got):
+        o[ranked] = accelerator.gather(g.to(dev).contiguous()).cpu()
+    return outs
+
+
+def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool,
+           temperature: float = 1.0, old_rows: torch.Tensor | None = None):
+    """Old log-probs and values of the trajectories `old_rows` (default: all), reference log-probs
+    of all (when `want_ref`), all at the sampling temperature and at action tokens only.
+    -> 3 x (N, T), 0 where not computed."""
+    n = batch.input_ids.shape[0]
+    old_rows = torch.arange(n) if old_rows is None else old_rows
+    unwrapped = accelerator.unwrap_model(model)  # forward through `model` (ZeRO-3 needs the wrapper)
+
+    def policy_fn(ids, attn, positions):
+        with accelerator.autocast():
+            logp, _, values = model(ids, attn, positions, temperature, with_values=want_values)
+        return logp, (values if values is not None else torch.zeros(ids.shape, device=ids.device))
+
+    def ref_fn(ids, attn, positions):
+        with accelerator.autocast():
+            if ref_policy is None:  # LoRA: the base model is the policy with its adapter off
+                with unwrapped.policy.disable_adapter():
+                    return model(ids, attn, positions, temperature, with_values=False)[:1]
+            return lm_logprobs(ref_policy, ids, attn, positions, temperature)[:1]
+
+    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2)
+    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1)
+    return old_logp, old_values, ref_logp
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Any active dropout (modules, or attention dropout in a config) makes a train-mode forward
+    differ from the eval-mode one."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        if float(getattr(getattr(m, "config", None), "attention_dropout", 0.0) or 0.0) > 0:
+            return True
+    return False
