@@ -123,9 +123,9 @@ def write_report(run_dir: str | Path) -> Path:
             parts.append(f"<h2>{title}</h2><img src='plots/{stage}_curves.png'>")
     if (plots / "credit_heatmap.png").exists():
         parts.append("<h2>Per-step credit (sample trajectories)</h2><img src='plots/credit_heatmap.png'>")
-    cfg = run_dir / "config.yaml"
-    if cfg.exists():
-        parts.append(f"<h2>config.yaml</h2><pre>{html.escape(cfg.read_text())}</pre>")
+    for name in ("config.yaml", "provenance.json"):  # what ran, and what produced it (rl/provenance.py)
+        if (run_dir / name).exists():
+            parts.append(f"<h2>{name}</h2><pre>{html.escape((run_dir / name).read_text())}</pre>")
     out = run_dir / "report.html"
     tmp = out.with_suffix(".html.tmp")
     tmp.write_text("<html><head><meta charset='utf-8'><title>spa-rl report</title></head><body>"

@@ -159,8 +159,11 @@ def run(cfg: RunConfig) -> dict[str, float]:
 
     ctx = build_context(cfg)
     if ctx.accelerator.is_main_process:
+        from rl.provenance import write_provenance
+
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         (ctx.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_provenance(ctx.run_dir, ctx.accelerator, [s for s in STAGE_ORDER if s in cfg.stages])
     ctx.accelerator.wait_for_everyone()
     results: dict[str, float] = {}
     try:

@@ -46,6 +46,9 @@ def test_every_stage_runs_and_writes_its_artifacts(tmp_path, capsys):
                  "plots/credit_heatmap.png"):
         assert (run_dir / path).exists(), path
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["rl"]["iterations"] == 2
+    (entry,) = json.loads((run_dir / "provenance.json").read_text())  # what produced the run (test_provenance.py)
+    assert entry["stages"] == ["sft", "explore", "progress", "rl", "eval"] and entry["device"]["num_processes"] == 1
+    assert "provenance.json" in (run_dir / "report.html").read_text()
     rows = _metrics(run_dir)
     stages = {r["stage"] for r in rows}
     assert {"sft", "explore", "progress", "rl", "eval"} <= stages
@@ -105,6 +108,9 @@ def test_two_process_accelerate_launch(tmp_path):
     evals = [r for r in rows if r["stage"] == "eval" and "policy" in r]
     assert len(evals) == 2 and all(r["eval/episodes"] == 4 for r in evals)  # gathered from both ranks
     assert (run_dir / "rl" / "model" / "config.json").exists()
+    (entry,) = json.loads((run_dir / "provenance.json").read_text())  # written once, by the main process
+    assert entry["device"]["num_processes"] == 2 and entry["command"]["launch_env"]["WORLD_SIZE"] == "2"
+    assert "rl.train" in entry["command"]["argv"] and "name=e2e2" in entry["command"]["argv"]
 
 
 def _fails_fast(tmp_path, overrides, recipe=None):
