@@ -124,6 +124,7 @@ def main(argv=None) -> None:
           f"{args.grad_accum}, {args.epochs} epoch(s), kl {args.kl}, history_turns {args.history_turns or 'all'}")
     print(f"{'it':>3} {'episodes':>8} {'turns':>6} {'prompt':>7} {'obs':>6} {'action':>6} {'padded':>7} | "
           + " ".join(f"{p + ' s':>9}" for p in PHASES) + f" {'total s':>8} | "
+          + " ".join(f"{p + ' cpu':>9}" for p in PHASES) + " | "
           + " ".join(f"{p + ' GiB':>11}" for p in PHASES) + " | " + " ".join(f"{p + ' GF/s':>11}" for p in
                                                                             ("rollout", "score", "update")))
     for r in rows:
@@ -137,12 +138,16 @@ def main(argv=None) -> None:
         print(f"{r['step']:>3} {len(range(args.tasks * args.group)):>8} {r['steps']:>6.2f} {r['prompt_tokens']:>7} "
               f"{r['observation_tokens']:>6} {r['action_tokens']:>6} {r['padded_tokens']:>7} | "
               + " ".join(f"{r[p + '_time']:>9.1f}" for p in PHASES) + f" {total:>8.1f} | "
+              + " ".join(f"{r.get(p + '_cpu_time', float('nan')):>9.1f}" for p in PHASES) + " | "
               + " ".join(f"{r[p + '_peak_rss_gib']:>11.2f}" for p in PHASES) + " | "
               + " ".join(f"{gfs[p]:>6.1f} ({gfs[p] * 1e9 / peak:>3.0%})" for p in gfs))
     print(f"process peak RSS {peak_rss_gib():.2f} GiB (since the last phase start)")
     last = rows[-1]
     ratio = (last["score_time"] + last["update_time"]) / max(last["rollout_time"], 1e-9)
-    print(f"last iteration: {sum(last[p + '_time'] for p in PHASES):.1f} s, (score + update) / rollout = {ratio:.2f}, "
+    cpu = {p: last.get(p + "_cpu_time", float("nan")) for p in PHASES}
+    cpu_ratio = (cpu["score"] + cpu["update"]) / max(cpu["rollout"], 1e-9)
+    print(f"last iteration: {sum(last[p + '_time'] for p in PHASES):.1f} s wall, {sum(cpu.values()):.1f} s CPU; "
+          f"(score + update) / rollout = {ratio:.2f} wall, {cpu_ratio:.2f} CPU; "
           f"max phase peak RSS {max(last[p + '_peak_rss_gib'] for p in PHASES):.2f} GiB")
 
 

@@ -45,11 +45,14 @@ def peak_rss_gib() -> float:
 
 @contextmanager
 def phase(name: str, metrics: dict):
-    """Record `{name}_time` (seconds) and `{name}_peak_rss_gib` of the enclosed block into metrics."""
+    """Record `{name}_time` (wall seconds), `{name}_cpu_time` (this process's CPU seconds, all
+    threads: on a shared machine it tracks the work done where wall time tracks the neighbours)
+    and `{name}_peak_rss_gib` of the enclosed block into metrics."""
     reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
         metrics[f"{name}_time"] = time.perf_counter() - t0
+        metrics[f"{name}_cpu_time"] = time.process_time() - c0
         metrics[f"{name}_peak_rss_gib"] = peak_rss_gib()

@@ -345,3 +345,19 @@ def test_history_window_prompts_are_the_windowed_conversation_and_its_training_p
     cfg.reuse_cache = False
     ref = collect_rollouts(model, tok, CountEnv, ["n-7", "n-3", "n-6"], cfg, seed=0, greedy=True)
     assert _actions(ref) == _actions(trajs)
+
+
+def test_generation_runs_the_lm_head_on_one_position_per_row(tok):
+    """No full-prompt logits during generation: prefill and every decode step (KV cache reused
+    across turns) project only the last position through the LM head (transformers'
+    logits_to_keep=1), so rollout memory does not grow with prompt length x vocabulary."""
+    model = _model(tok, seed=1)
+    widths = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, inp, out: widths.append(inp[0].shape[1]))
+    try:
+        cfg = RolloutConfig(max_turns=4, max_new_tokens=6, num_envs=3)
+        trajs = collect_rollouts(model, tok, CountEnv, ["n-4", "n-2", "n-3"], cfg, seed=0)
+    finally:
+        hook.remove()
+    assert sum(t.num_steps for t in trajs) == 9 and len(widths) >= 9
+    assert set(widths) == {1}

@@ -283,7 +283,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
 
         # 6: minibatch updates (train mode: gradient checkpointing needs it; keep dropout at 0)
         reset_peak_rss()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         model.train()
         sums = torch.zeros(8, device=accelerator.device)  # token-weighted stat sums, see names below
         grad_norms = []
@@ -330,6 +330,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                                          (ent * m).sum().detach(), clip_frac * ntok, approx_kl * ntok, ntok,
                                          attn.sum().float()])
         timing["update_time"] = update_time = time.perf_counter() - t2
+        timing["update_cpu_time"] = time.process_time() - c2
         timing["update_peak_rss_gib"] = peak_rss_gib()
         s = accelerator.reduce(sums, reduction="sum").cpu().tolist()
         ntok = max(s[6], 1.0)
