@@ -63,7 +63,8 @@ _ROOM = "|".join(ROOMS)
 _GRAMMAR = [
     (re.compile(r"^go (north|south|east|west)$"), "go {0}"),
     (re.compile(rf"^go to (?:the )?({_ROOM})$"), "go to {0}"),
-    (re.compile(r"^take (?:the )?([a-z ]+?)(?: from (?:the )?([a-z]+))?$"), "take {0}"),
+    (re.compile(r"^take (?:the )?([a-z ]+?) from (?:the )?([a-z]+)$"), "take {0} from {1}"),
+    (re.compile(r"^take (?:the )?([a-z ]+)$"), "take {0}"),
     (re.compile(r"^(?:put|place) (?:the )?([a-z ]+?) (?:in|into|on|onto) (?:the )?([a-z]+)$"), "put {0} in {1}"),
     (re.compile(r"^insert (?:the )?([a-z ]+?) into (?:the )?([a-z]+)$"), "put {0} in {1}"),
     (re.compile(r"^(open|close) (?:the )?([a-z]+)$"), "{0} {1}"),
@@ -202,12 +203,14 @@ class TextNavEnv:
             (self.open.add if verb == "open" else self.open.discard)(rid)
             return f"You {verb} the {rest}."
         if verb == "take":
-            obj = rest
+            obj, _, source = rest.partition(" from ")
             where = self.where.get(obj)
             visible = where == self.room or (where in RECEPTACLES and RECEPTACLES[where][1] == self.room
                                              and (not RECEPTACLES[where][2] or where in self.open))
             if obj in self.held or not visible:
                 raise ValueError(f"there is no {obj} you can take here")
+            if source and source != (RECEPTACLES[where][0] if where in RECEPTACLES else "floor"):
+                raise ValueError(f"the {obj} is not in the {source}")
             del self.where[obj]
             self.held.add(obj)
             return f"You take the {obj}."
