@@ -13,6 +13,7 @@ Names understood by `ModelConfig.name` / `load_tokenizer`:
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import shutil
@@ -254,8 +255,6 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     unwrapped = getattr(model, "module", model)
     if adapter_base_missing(unwrapped):
-        import copy
-
         unwrapped = copy.deepcopy(unwrapped).merge_and_unload()
     unwrapped.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

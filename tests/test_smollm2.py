@@ -44,12 +44,13 @@ def test_greedy_answers_from_the_dequantised_weights(smol):
     assert "Paris" in reply, reply  # wrong weights or a wrong tokenizer give noise, not the answer
 
 
-def test_token_view_with_the_real_template(smol):
+@pytest.mark.parametrize("system_prompt", ["Find the key.", ""])  # "": an env without one (its template's default)
+def test_token_view_with_the_real_template(smol, system_prompt):
     from rl.trajectory import Step, Trajectory, tokenize_trajectory
 
     tok, _ = smol
     steps = [Step("The key is 1 step north.", "go north", True), Step("You walk north. The key is here.", "take key", True)]
-    view = tokenize_trajectory(tok, Trajectory(0, "t", steps, 0.5, False, system_prompt="Find the key."))
+    view = tokenize_trajectory(tok, Trajectory(0, "t", steps, 0.5, False, system_prompt=system_prompt))
     spans, cur = [], []
     for i, m in enumerate(view.action_mask):
         if m:

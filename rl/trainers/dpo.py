@@ -31,8 +31,8 @@ Reference model: the policy the stage starts from. With a peft model TRL (1.16) 
 of the adapter as the reference (a fresh adapter: the model with adapters disabled); the pipeline
 hands it a fresh LoRA on the SFT policy's merged weights (`rl.models.load_model`), so both are the
 SFT policy. Otherwise a frozen copy of the starting model is made (or pass `ref_model`, or set
-`precompute_ref_log_probs` to score all pairs once before training and keep no second model). TRL's own reporting is off;
-its logs reach `log_fn` as dpo/loss, dpo/rewards/margins, dpo/rewards/accuracies, ...
+`precompute_ref_log_probs` to score all pairs once before training and keep no second model).
+TRL's own reporting is off; its logs reach `log_fn` as dpo/loss, dpo/rewards/margins, ...
 """
 
 from __future__ import annotations
