@@ -51,7 +51,7 @@ from typing import Any
 
 from envs.base import SPLITS, EnvError, register
 
-_FORMAT_VERSION = 2  # bump when the cached task layout changes
+_FORMAT_VERSION = 3  # bump when the cached task layout changes
 _PREFIX = re.compile(r"^(action|move)?\s*[:>]\s*", re.IGNORECASE)
 _MOVE_NUMBER = re.compile(r"^\d+\.+")  # "12." or "12..." before a move
 _UCI = re.compile(r"^[a-h][1-8][a-h][1-8][qrbn]?$")
@@ -100,6 +100,16 @@ def _import_chess():
     except ImportError as e:
         raise EnvError(f"env 'chess' needs python-chess: pip install chess ({e})")
     return chess
+
+
+def _pushed(board):
+    """Yield once per legal move with that move pushed (popped again after)."""
+    for move in list(board.legal_moves):
+        board.push(move)
+        try:
+            yield move
+        finally:
+            board.pop()
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
@@ -300,16 +310,21 @@ class ChessEnv:
             if not board.is_valid() or board.is_game_over() or board.fen() in seen:
                 continue
             seen.add(board.fen())
-            mate = self._search(board, depth)["score"].pov(chess.WHITE).mate()
-            if mate is not None and 0 < mate <= self.max_mate:
+            if self.max_mate == 1:  # exact and ~50x cheaper than a search: try every move
+                mate = 1 if any(board.is_checkmate() for _ in _pushed(board)) else None
+            else:
+                mate = self._search(board, depth)["score"].pov(chess.WHITE).mate()
+            if mate == 1:
+                records.append({"fen": board.fen(), "mate": 1})
+            elif mate is not None and 0 < mate <= self.max_mate:
                 # m_0 from the same depth as every later m_t, so an optimal first move gives 1/m_0
                 deep = self._search(board, self.analysis_depth)["score"].pov(chess.WHITE).mate()
                 records.append({"fen": board.fen(), "mate": deep if deep and deep > 0 else mate})
-                if len(records) == wanted:
-                    tasks = self._split_tasks(counts, records)
-                    root.mkdir(parents=True, exist_ok=True)
-                    _write_json_atomic(path, tasks)
-                    return tasks
+            if len(records) == wanted:
+                tasks = self._split_tasks(counts, records)
+                root.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(path, tasks)
+                return tasks
         raise EnvError(f"env chess: found only {len(records)} endgames {self.endgames} with mate in "
                        f"<= {self.max_mate}; {wanted} asked (raise max_mate)")
 
