@@ -202,3 +202,28 @@ def test_random_opponent_is_reproducible_per_task():
         runs.append(fens)
     assert runs[0] == runs[1]
     env.close()
+
+
+@needs_engine
+def test_mate_in_one_tasks_are_exact(cache):
+    """max_mate=1 picks positions by trying every move (no search): each has a mating move, and the
+    expert plays one."""
+    env = make_env("chess", cache_dir=cache, **{**ENDGAME, "max_mate": 1, "endgames": ["KQK", "KRK"]})
+    pieces = set()
+    for task in env.tasks("train") + env.tasks("test"):
+        board = chess.Board(env.start_fen(task))
+        mates = [m for m in board.legal_moves if _mates(board, m)]
+        assert mates and env._tasks[task]["mate"] == 1
+        pieces.add("".join(sorted(p.symbol() for p in board.piece_map().values())))
+        (move,) = env.expert_actions(task)
+        assert chess.Move.from_uci(move) in mates
+    assert pieces == {"KQk", "KRk"}
+    env.close()
+
+
+def _mates(board, move) -> bool:
+    board.push(move)
+    try:
+        return board.is_checkmate()
+    finally:
+        board.pop()
