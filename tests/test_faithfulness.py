@@ -171,3 +171,35 @@ def test_fit_logs_faithfulness_only_when_the_env_reports_progress(tok, tmp_path)
     logged.clear()
     fit_progress_estimator(cfg, trajs, tok, tiny_model(tok), tmp_path / "b", log_fn=lambda m, s: logged.append(m))
     assert "progress/credit_cv" in logged[-1] and not any("spearman" in k for k in logged[-1])
+
+
+def test_state_reading_telescopes_a_potential_of_each_observation(tok):
+    from rl.credit import ProgressEstimator, annotate_progress
+    from rl.credit.progress import _item, collate
+    from rl.models import tiny_model
+
+    trajs = [episode(i, p, w) for i, (p, w) in enumerate(zip(PROGRESS, WON))]
+    est = ProgressEstimator(tiny_model(tok, seed=4), read_at="state").eval()
+    torch.nn.init.normal_(est.head.weight, std=0.5)
+    views = [read_view(tok, t, "state", None) for t in trajs]
+    assert [len(v.obs_ids) for v in views] == [6, 7, 5]  # S + 1 observations, the final one included
+    batch = collate([_item(v, t) for v, t in zip(views, trajs)], 0)
+    assert batch["input_ids"].shape[0] == 18 and batch["step_ends"].shape == (3, 7)
+    assert batch["step_mask"].tolist()[2] == [1, 1, 1, 1, 0, 0]
+    with torch.no_grad():
+        c = est(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
+
+        def phi(text):  # the potential of one observation, encoded alone
+            from rl.trajectory import encode_conversation
+
+            ids = encode_conversation(tok, "", [text], [], add_generation_prompt=True).input_ids
+            return est.head(est.backbone.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]).item()
+
+        for b, t in enumerate(trajs):
+            obs = [s.observation for s in t.steps] + [t.final_observation]
+            manual = [phi(obs[k + 1]) - phi(obs[k]) for k in range(t.num_steps)]
+            assert c[b, : t.num_steps].tolist() == pytest.approx(manual, abs=1e-4)
+            assert c[b, t.num_steps:].abs().sum() == 0
+            assert c[b].sum().item() == pytest.approx(phi(obs[-1]) - phi(obs[0]), abs=1e-4)
+    annotate_progress(est, tok, trajs)
+    assert trajs[1].annotations["progress"] == pytest.approx(c[1, :6].tolist(), abs=1e-5)

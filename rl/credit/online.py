@@ -49,9 +49,9 @@ def refit_epochs(estimator: ProgressEstimator, optimizer: torch.optim.Optimizer,
         total = 0.0
         for start in range(0, len(order), batch_size):
             batch = collate([items[i] for i in order[start : start + batch_size]], pad_id)
-            ends = batch["step_ends"].to(device)
-            c = estimator(batch["input_ids"].to(device), batch["attention_mask"].to(device), ends)
-            loss = progress_loss(c, (ends >= 0).to(c.dtype), batch["outcome"].to(device, c.dtype))
+            c = estimator(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                          batch["step_ends"].to(device))
+            loss = progress_loss(c, batch["step_mask"].to(device, c.dtype), batch["outcome"].to(device, c.dtype))
             loss.backward()
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(estimator.parameters(), grad_clip)

@@ -40,7 +40,7 @@ from torch import nn
 
 from rl.algos import pad_step_ends
 from rl.credit.faithfulness import trajectory_faithfulness
-from rl.credit.readout import ReadView, read_view
+from rl.credit.readout import ReadView, collate_states, read_view
 from rl.trajectory import (TokenView, Trajectory, TrajectoryError, tokenize_trajectory, truncate_view,
                            validate_trajectory)
 
@@ -65,9 +65,10 @@ class ProgressConfig:
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     seed: int = 0  # fixes the validation split, the data order and LoRA initialisation
-    # where c_t is read: "action" (last token of action t, the SPA paper) or "observation" (after
-    # the env's reply to action t, so c_t sees what the action did; see rl.credit.readout)
-    read_at: Literal["action", "observation"] = "action"
+    # where c_t is read: "action" (last token of action t, the SPA paper), "observation" (after the
+    # env's reply to action t), "state" (c_t = phi(o_{t+1}) - phi(o_t), phi read on each observation
+    # alone); see rl.credit.readout
+    read_at: Literal["action", "observation", "state"] = "action"
     refit_every: int = 0  # online SPA: refit during RL every this many iterations on recent rollouts (0: off)
     refit_buffer: int = 256  # online SPA: the most recent RL trajectories kept for refitting
     refit_epochs: int = 1  # online SPA: passes over the buffer per refit
@@ -110,6 +111,13 @@ class ProgressEstimator(nn.Module):
         """input_ids, attention_mask (B, T), step_ends (B, S): each step's reading position (-1 = no
         step) -> c (B, S), 0 at padding."""
         hidden = self._trunk()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.read_at == "state":
+            # input_ids (N, L): one observation per row; step_ends (B, S+1): rows of o_0..o_S
+            last = hidden[torch.arange(len(hidden)), attention_mask.sum(1) - 1]  # (N, H)
+            phi = self.head(last.to(self.head.weight.dtype)).squeeze(-1)  # (N,)
+            valid = step_ends >= 0
+            p = phi[step_ends.clamp(min=0)] * valid  # (B, S+1)
+            return (p[:, 1:] - p[:, :-1]) * valid[:, 1:]  # c_t = phi(o_{t+1}) - phi(o_t), (B, S)
         ends = step_ends.clamp(min=0)
         at_ends = hidden.gather(1, ends.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # (B, S, H)
         c = self.head(at_ends.to(self.head.weight.dtype)).squeeze(-1)
@@ -186,7 +194,10 @@ def checked_view(tokenizer, traj: Trajectory, max_length: int | None) -> TokenVi
 
 
 def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad {input_ids, step_ends, outcome} items into (B, T) ids/mask, (B, S) ends, (B,) R."""
+    """Right-pad {input_ids, step_ends, outcome} items into (B, T) ids/mask, (B, S) ends and step
+    mask, (B,) R; items of the `state` reading ({obs_ids, outcome}) go to `collate_states`."""
+    if "obs_ids" in items[0]:
+        return collate_states(items, pad_id)
     T = max(len(it["input_ids"]) for it in items)
     ids = torch.full((len(items), T), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), T), dtype=torch.long)
@@ -194,10 +205,13 @@ def collate(items: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[b, : len(it["input_ids"])] = torch.tensor(it["input_ids"])
         attn[b, : len(it["input_ids"])] = 1
     return {"input_ids": ids, "attention_mask": attn, "step_ends": pad_step_ends([it["step_ends"] for it in items]),
-            "outcome": torch.tensor([float(it["outcome"]) for it in items])}
+            "outcome": torch.tensor([float(it["outcome"]) for it in items]),
+            "step_mask": (pad_step_ends([it["step_ends"] for it in items]) >= 0).long()}
 
 
 def _item(view: ReadView, traj: Trajectory) -> dict:
+    if view.obs_ids is not None:
+        return {"obs_ids": view.obs_ids, "outcome": float(traj.outcome)}
     return {"input_ids": view.input_ids, "step_ends": view.read_pos, "outcome": float(traj.outcome)}
 
 
@@ -304,7 +318,7 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
         running, seen = 0.0, 0
         for batch in tqdm(train_loader, desc=f"progress epoch {epoch}", disable=not accelerator.is_local_main_process):
             c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
-            loss = progress_loss(c, (batch["step_ends"] >= 0).to(c.dtype), batch["outcome"].to(c.dtype))
+            loss = progress_loss(c, batch["step_mask"].to(c.dtype), batch["outcome"].to(c.dtype))
             accelerator.backward(loss)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -6,6 +6,15 @@
                  reply to action t (obs_{t+1}) and the next generation prompt; for the last step
                  the trajectory's `final_observation` is appended as one more user turn with its
                  generation prompt, so every step has a reading position
+    state        a potential of the observation alone: each observation o_0..o_{S} (o_S the
+                 final one) is encoded on its own (system prompt + that user turn + generation
+                 prompt), phi(o) read at its last token, and c_t = phi(o_{t+1}) - phi(o_t). The
+                 SPA loss then telescopes to (phi(o_S) - phi(o_0) - R)^2: phi is fit on where
+                 episodes end, and when R is a function of the final state (KeyDoor's score is
+                 its progress) phi can be exactly that function, so credit lands on the step
+                 that changed the state (`take key`), not on the step after which the explorer
+                 always succeeded (walking onto the key). Needs observations that describe the
+                 state (Markov); history-dependent progress needs `observation`.
 
 Reading after the reply lets c_t see the consequence of action t ("You took the key."), so a
 credit that sums to the outcome can sit on the step that caused the change instead of on a
@@ -20,7 +29,7 @@ from typing import Sequence
 
 from rl.trajectory import Trajectory, TrajectoryError, encode_conversation, tokenize_trajectory
 
-READ_AT = ("action", "observation")
+READ_AT = ("action", "observation", "state")
 
 
 @dataclass
@@ -28,6 +37,27 @@ class ReadView:
     input_ids: list[int]  # (T,) the (possibly truncated) token sequence
     read_pos: list[int]  # (S_kept,) token index where c_t is read, ascending
     num_steps: int  # steps kept (<= the trajectory's steps): those whose read_pos fits max_length
+    obs_ids: list[list[int]] | None = None  # state: (S+1,) token ids of each observation alone
+
+
+def collate_states(items: Sequence[dict], pad_id: int) -> dict:
+    """Right-pad every item's observation sequences into one flat batch:
+    input_ids, attention_mask (N, L) with N = sum_i (S_i + 1); step_ends (B, S_max + 1) holds the
+    flat row of observation j of item i (-1: none); step_mask (B, S_max) = 1 where step t exists;
+    outcome (B,)."""
+    import torch
+
+    seqs = [s for it in items for s in it["obs_ids"]]
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    rows = torch.full((len(items), max(len(it["obs_ids"]) for it in items)), -1, dtype=torch.long)
+    k = 0
+    for b, it in enumerate(items):
+        for j, s in enumerate(it["obs_ids"]):
+            ids[k, : len(s)], attn[k, : len(s)], rows[b, j] = torch.tensor(s), 1, k
+            k += 1
+    return {"input_ids": ids, "attention_mask": attn, "step_ends": rows, "step_mask": (rows[:, 1:] >= 0).long(),
+            "outcome": torch.tensor([float(it["outcome"]) for it in items])}
 
 
 def observation_read_positions(action_mask: Sequence[int], step_ends: Sequence[int], length: int) -> list[int]:
@@ -61,6 +91,11 @@ def read_view(tokenizer, traj: Trajectory, read_at: str, max_length: int | None)
     token view's steps do not match its steps."""
     if read_at not in READ_AT:
         raise ValueError(f"progress.read_at={read_at!r}; choose one of {list(READ_AT)}")
+    if read_at == "state":
+        obs = [s.observation for s in traj.steps] + [traj.final_observation]
+        # observations are short: max_length does not apply to them
+        return ReadView([], [], traj.num_steps, [encode_conversation(tokenizer, traj.system_prompt, [o], [],
+                                                                     add_generation_prompt=True).input_ids for o in obs])
     if read_at == "action":
         view = tokenize_trajectory(tokenizer, traj)
         ids, pos = view.input_ids, view.step_ends
