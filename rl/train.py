@@ -10,7 +10,9 @@ and continues an interrupted RL stage from its last checkpoint.
 
 from __future__ import annotations
 
+import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -153,6 +155,21 @@ def evaluation_tasks(cfg: RunConfig, ctx: Context) -> list[str]:
     return ctx.tasks[cfg.env.eval_split]
 
 
+def write_stage_time(run_dir: Path, stage: str, wall_s: float) -> Path:
+    """Record a finished stage's wall seconds in run_dir/timing.json, {stage: {"wall_s",
+    "finished_utc"}}, merged across invocations: a stage run again replaces its entry, a stage
+    skipped on resume keeps it (temp file + rename, as provenance.json). The time an interrupted
+    stage spent before the kill is not counted, only the invocation that finishes it."""
+    path = Path(run_dir) / "timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing[stage] = {"wall_s": round(wall_s, 1), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    timing = {s: timing[s] for s in STAGE_ORDER if s in timing}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(timing, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def run(cfg: RunConfig) -> dict[str, float]:
     """Run the selected stages in pipeline order; returns the final eval metrics (if any)."""
     from rl import stages as stage_fns
@@ -173,6 +190,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
                 ctx.accelerator.print(f"[{stage}] already done, skipped (resume=true)")
                 continue
             ctx.accelerator.print(f"[{stage}] starting")
+            start = time.time()
             out = getattr(stage_fns, f"run_{stage}")(ctx)
             if isinstance(out, dict):
                 results.update(out)
@@ -180,6 +198,7 @@ def run(cfg: RunConfig) -> dict[str, float]:
             if ctx.accelerator.is_main_process:
                 done_marker.parent.mkdir(parents=True, exist_ok=True)
                 done_marker.write_text("done\n")
+                write_stage_time(ctx.run_dir, stage, time.time() - start)
         if ctx.accelerator.is_main_process:
             from rl.report import write_report
 

@@ -1,0 +1,139 @@
+"""Results table of finished runs: held-out success of the SFT policy and of the final policy, per
+recipe and seed, and the mean change over seeds with a 95% confidence interval.
+
+    python benchmarks/recipe_results.py runs/textworld_cpu_s0 runs/textworld_cpu_s1 ...
+
+Each RUN_DIR is read as the pipeline leaves it:
+    config.yaml        name (the recipe's name: runs are grouped by it, with any `_s<seed>` suffix
+                       removed) and seed
+    eval/results.json  {"sft": metrics, "<final>": metrics}: the last entry is the final policy
+                       (rl, dpo, or sft itself when no later stage ran); success is
+                       eval/success_rate on env.eval_split
+    timing.json        wall seconds per finished stage (rl.train writes it); wall time is their sum
+
+The change is final - SFT in points of success rate (same seed, same held-out games), and its CI
+is the t-interval  mean ± t_{0.975, n-1} · s / sqrt(n)  over the recipe's seeds (n/a below 2 seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class RunResult:
+    recipe: str
+    seed: int
+    split: str  # the split eval ran on
+    sft: float | None  # success rate of the SFT policy (None: not evaluated)
+    final: float  # success rate of the final policy
+    final_label: str  # which policy is final: "rl", "dpo", "sft", ...
+    wall_s: float | None  # sum of the stages' wall seconds (None: no timing.json)
+    stage_s: dict[str, float]  # wall seconds per stage
+
+    @property
+    def change_points(self) -> float | None:
+        return None if self.sft is None else 100.0 * (self.final - self.sft)
+
+
+def recipe_name(name: str, seed: int) -> str:
+    """Runs of one recipe over seeds are often named <name>_s<seed>: group them under <name>."""
+    return re.sub(rf"_s(eed)?{seed}$", "", name)
+
+
+def read_run(run_dir: Path) -> RunResult:
+    import yaml
+
+    run_dir = Path(run_dir)
+    for need in ("config.yaml", "eval/results.json"):
+        if not (run_dir / need).exists():
+            raise FileNotFoundError(f"{run_dir}: no {need} (is it a finished run dir with an eval stage?)")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    if not results:
+        raise ValueError(f"{run_dir}/eval/results.json is empty")
+    final_label = list(results)[-1]
+    sft = results["sft"]["eval/success_rate"] if "sft" in results else None
+    timing_path = run_dir / "timing.json"
+    stage_s = {k: float(v["wall_s"]) for k, v in json.loads(timing_path.read_text()).items()} if timing_path.exists() else {}
+    seed = int(cfg.get("seed", 0))
+    return RunResult(recipe=recipe_name(str(cfg.get("name", run_dir.name)), seed), seed=seed,
+                     split=str(cfg.get("env", {}).get("eval_split", "test")), sft=sft,
+                     final=float(results[final_label]["eval/success_rate"]), final_label=final_label,
+                     wall_s=sum(stage_s.values()) if stage_s else None, stage_s=stage_s)
+
+
+def mean_ci(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): mean ± t_{0.975, n-1} · s / sqrt(n); the bounds are nan for n < 2."""
+    n = len(values)
+    m = sum(values) / n if n else float("nan")
+    if n < 2:
+        return m, float("nan"), float("nan")
+    from scipy.stats import t
+
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    half = float(t.ppf(0.975, n - 1)) * s / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _minutes(s: float | None) -> str:
+    return "n/a" if s is None else f"{s / 60:.1f}"
+
+
+def table(runs: list[RunResult]) -> str:
+    """Markdown: one row per (recipe, seed), then one summary row per recipe."""
+    runs = sorted(runs, key=lambda r: (r.recipe, r.seed))
+    lines = ["| recipe | seed | split | SFT success | final success | change (points) | wall (min) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        change = "n/a" if r.change_points is None else f"{r.change_points:+.1f}"
+        lines.append(f"| {r.recipe} | {r.seed} | {r.split} | {_pct(r.sft)} | {_pct(r.final)} ({r.final_label}) "
+                     f"| {change} | {_minutes(r.wall_s)} |")
+    lines += ["", "| recipe | seeds | mean SFT | mean final | mean change (points) | 95% CI (t) | mean wall (min) |",
+              "|---|---|---|---|---|---|---|"]
+    for recipe in sorted({r.recipe for r in runs}):
+        group = [r for r in runs if r.recipe == recipe]
+        changes = [r.change_points for r in group if r.change_points is not None]
+        m, lo, hi = mean_ci(changes) if changes else (float("nan"),) * 3
+        sfts = [r.sft for r in group if r.sft is not None]
+        walls = [r.wall_s for r in group if r.wall_s is not None]
+        ci = "n/a" if math.isnan(lo) else f"[{lo:+.1f}, {hi:+.1f}]"
+        lines.append(f"| {recipe} | {len(group)} | {_pct(sum(sfts) / len(sfts) if sfts else None)} "
+                     f"| {_pct(sum(r.final for r in group) / len(group))} "
+                     f"| {'n/a' if math.isnan(m) else f'{m:+.1f}'} | {ci} "
+                     f"| {_minutes(sum(walls) / len(walls) if walls else None)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="finished run directories (runs/<name>)")
+    parser.add_argument("--stages", action="store_true", help="also print each run's wall minutes per stage")
+    args = parser.parse_args(argv)
+    try:
+        runs = [read_run(d) for d in args.run_dirs]
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"recipe_results: {e}", file=sys.stderr)
+        return 2
+    print(table(runs))
+    if args.stages:
+        print("\n| recipe | seed | " + " | ".join(["sft", "explore", "progress", "rl", "dpo", "eval"]) + " |")
+        print("|---|---|" + "---|" * 6)
+        for r in sorted(runs, key=lambda r: (r.recipe, r.seed)):
+            cells = [_minutes(r.stage_s.get(s)) if s in r.stage_s else "-" for s in ("sft", "explore", "progress", "rl", "dpo", "eval")]
+            print(f"| {r.recipe} | {r.seed} | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

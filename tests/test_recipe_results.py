@@ -1,0 +1,88 @@
+"""benchmarks/recipe_results.py on hand-made run dirs (numbers checked by hand), and the per-stage
+wall times rl.train records in runs/<name>/timing.json."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rl.train import write_stage_time
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("recipe_results", ROOT / "benchmarks" / "recipe_results.py")
+rr = importlib.util.module_from_spec(spec)
+sys.modules["recipe_results"] = rr  # its dataclass looks its module up while being built
+spec.loader.exec_module(rr)
+
+
+def make_run(root: Path, name: str, seed: int, results: dict, stage_s: dict | None) -> Path:
+    d = root / f"{name}_s{seed}"
+    (d / "eval").mkdir(parents=True)
+    (d / "config.yaml").write_text(yaml.safe_dump({"name": f"{name}_s{seed}", "seed": seed,
+                                                   "env": {"eval_split": "test"}}))
+    (d / "eval" / "results.json").write_text(json.dumps(
+        {label: {"eval/success_rate": v, "eval/mean_score": v} for label, v in results.items()}))
+    for stage, s in (stage_s or {}).items():
+        write_stage_time(d, stage, s)
+    return d
+
+
+def _rows(text: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("|") and not line.startswith("|---")]
+
+
+def test_table_rows_and_t_interval_by_hand(tmp_path, capsys):
+    # recipe tw, 3 seeds: changes +20, +5, +10 points; recipe other: 1 seed, rl worse by 10
+    dirs = [make_run(tmp_path, "tw", 0, {"sft": 0.40, "rl": 0.60}, {"sft": 60.0, "rl": 540.0, "eval": 120.0}),
+            make_run(tmp_path, "tw", 1, {"sft": 0.50, "rl": 0.55}, {"sft": 60.0, "rl": 600.0, "eval": 60.0}),
+            make_run(tmp_path, "tw", 2, {"sft": 0.30, "rl": 0.40}, {"sft": 90.0, "rl": 630.0, "eval": 60.0}),
+            make_run(tmp_path, "other", 7, {"sft": 0.5, "rl": 0.4}, None)]
+    assert rr.main([str(d) for d in dirs]) == 0
+    rows = _rows(capsys.readouterr().out)
+    per_seed = {(r[0], r[1]): r for r in rows if r[0] != "recipe" and len(r) == 7 and r[2] == "test"}
+    assert per_seed[("tw", "0")][3:] == ["40.0%", "60.0% (rl)", "+20.0", "12.0"]  # (60+540+120)/60 min
+    assert per_seed[("tw", "1")][3:] == ["50.0%", "55.0% (rl)", "+5.0", "12.0"]
+    assert per_seed[("tw", "2")][3:] == ["30.0%", "40.0% (rl)", "+10.0", "13.0"]
+    assert per_seed[("other", "7")][3:] == ["50.0%", "40.0% (rl)", "-10.0", "n/a"]  # no timing.json
+    summary = {r[0]: r for r in rows if r[0] != "recipe" and r[2] != "test"}
+    # mean 35/3 = 11.67; s^2 = (8.333^2 + 6.667^2 + 1.667^2) / 2 = 58.33, s = 7.638;
+    # half width = t_{0.975,2} * s / sqrt(3) = 4.3027 * 7.638 / 1.7321 = 18.97
+    assert summary["tw"][1:] == ["3", "40.0%", "51.7%", "+11.7", "[-7.3, +30.6]", "12.3"]
+    assert summary["other"][1:] == ["1", "50.0%", "40.0%", "-10.0", "n/a", "n/a"]
+
+
+def test_mean_ci_matches_the_formula():
+    m, lo, hi = rr.mean_ci([20.0, 5.0, 10.0])
+    half = 4.302652729911275 * (175 / 3 / 3) ** 0.5  # s^2 = 175/3, divided by n = 3
+    assert m == pytest.approx(35 / 3) and lo == pytest.approx(m - half) and hi == pytest.approx(m + half)
+    assert rr.mean_ci([4.0])[0] == 4.0 and all(x != x for x in rr.mean_ci([4.0])[1:])  # nan bounds
+
+
+def test_final_is_the_last_policy_and_sft_only_runs(tmp_path):
+    only_sft = rr.read_run(make_run(tmp_path, "a", 0, {"sft": 0.3}, {"sft": 30.0, "eval": 30.0}))
+    assert (only_sft.final_label, only_sft.final, only_sft.change_points, only_sft.wall_s) == ("sft", 0.3, 0.0, 60.0)
+    dpo = rr.read_run(make_run(tmp_path, "b", 3, {"sft": 0.25, "dpo": 0.5}, None))
+    assert (dpo.recipe, dpo.seed, dpo.final_label, dpo.change_points) == ("b", 3, "dpo", 25.0)
+    assert rr.recipe_name("tw_cpu_s12", 12) == "tw_cpu" and rr.recipe_name("tw_cpu_s1", 12) == "tw_cpu_s1"
+
+
+def test_missing_results_fails_with_one_line(tmp_path, capsys):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.yaml").write_text("name: x\nseed: 0\n")
+    assert rr.main([str(tmp_path / "x")]) == 2
+    assert "no eval/results.json" in capsys.readouterr().err
+
+
+def test_stage_times_merge_across_invocations(tmp_path):
+    write_stage_time(tmp_path, "rl", 20.04)
+    write_stage_time(tmp_path, "sft", 10.0)
+    first = json.loads((tmp_path / "timing.json").read_text())
+    assert list(first) == ["sft", "rl"] and first["rl"]["wall_s"] == 20.0  # pipeline order, 0.1 s
+    write_stage_time(tmp_path, "sft", 5.0)  # a stage run again replaces its entry; the others stay
+    timing = json.loads((tmp_path / "timing.json").read_text())
+    assert {k: v["wall_s"] for k, v in timing.items()} == {"sft": 5.0, "rl": 20.0}
+    assert not (tmp_path / "timing.json.tmp").exists()
