@@ -5,24 +5,40 @@ first use; `close()` shuts it down. Task ids are "<task-name>:<split>:<variation
 "find-plant:train:3", where <variation> is ScienceWorld's own variation index and <split> is the
 split ScienceWorld assigns it (`getVariationsTrain/Dev/Test`), so the splits never overlap.
 
+Grammar: the command templates are read from the engine's own action handler after a task is
+loaded (they differ by task: teleport under "easy", connect/disconnect on electrical tasks), with
+every synonym the engine's parser accepts, e.g. "(look at|look on|examine) <obj>",
+"(put down|drop) <obj>", "(move|put) <obj> (to|in|into|on) <moveTo>". `parse_action` keeps a
+reply's first line when it fits one of them, or when it is a bare number (the answer to the
+engine's "Ambiguous request: Please enter the number ..." prompt); "reset task" is left out so a
+policy cannot restart its own episode. `get_possible_actions()` lists only one phrasing per
+command (no "examine", no "drop"), which is why it is not used.
+
 Validity (the grounding signal) is the engine's own parser verdict: an action is invalid when
-ScienceWorld answers "No known action matches that input." or "Unknown action.". We do not use
-membership in `getValidActionObjectCombinations()` for this: measured on find-* tasks with the
-"easy" simplification, 1 to 5 of the ~10 gold actions per episode are missing from that list
-(e.g. "open door to kitchen" when the door is already open, or the disambiguated
-"move egg butterfly egg in inventory to red box"), so list membership would call the expert
+ScienceWorld answers "No known action matches that input." or "Unknown action." (its reply to
+anything but a listed number while an ambiguity prompt is pending, which also cancels the
+prompt). An ambiguity prompt is a valid step and is shown to the policy, which answers with a
+number as the gold paths do. We do not use membership in `getValidActionObjectCombinations()`:
+on find-* tasks 1 to 5 of the ~10 gold actions per episode are missing from that list (e.g.
+"open door to kitchen" when the door is already open), so list membership would call the expert
 wrong. The list (~115 strings, 10-45 ms per call) is put in `info["admissible"]` on request.
 
-An ambiguous action ("Ambiguous request: Please enter the number ...") is resolved to the first
-candidate ("0"), as the ScienceWorld baselines do, so an episode never waits on a number.
+Score and progress: ScienceWorld's score lies in [0, 1] while running (its Python API reports it
+x100) and is negative (-1) when the task has failed (e.g. focusing on the wrong object);
+`info["score"]` and `info["progress"]` are it clamped to [0, 1] after every step, the engine's
+own sub-goal count, so the increments are ground-truth credit. The episode ends on failure, on
+completion, or after `max_steps`.
 
-Score: ScienceWorld's score lies in [0, 1] while running and is negative (-1) when the task has
-failed (e.g. focusing on the wrong object); `info["score"]` clamps it to [0, 1], and the episode
-ends on failure, on completion, or after `max_steps`.
+Expert: the engine's gold path, replayed once on the loaded world to cut it at the win and to
+drop the few commands the engine's own parser refuses (see `_replayed_gold`). Its no-op steps
+stay: under "easy" "open door to X" only answers "The door is already open.", but each still
+advances the clock, and dropping them shifts the life-cycle timing enough to lose
+identify-life-stages-1/2.
 """
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from typing import Any
@@ -30,21 +46,74 @@ from typing import Any
 from envs.base import EnvError, first_command_line, register
 
 DEFAULT_TASKS = ("find-living-thing", "find-non-living-thing", "find-plant", "find-animal")
-# Command verbs the engine knows (from `get_possible_actions()` plus the electrical ones);
-# "reset task" is left out on purpose so a policy cannot restart its own episode.
-VERBS = ("activate", "close", "connect", "deactivate", "disconnect", "dunk", "eat", "flush",
-         "focus on", "go", "inventory", "look around", "look at", "look in", "mix", "move", "open",
-         "pick up", "pour", "put down", "read", "task", "teleport", "use", "wait1", "wait")
-_VERB_RE = re.compile(r"^(" + "|".join(re.escape(v) for v in VERBS) + r")\b")
 _PARSE_FAILURES = ("No known action matches that input.", "Unknown action.")
 _AMBIGUOUS = "Ambiguous request"
+_BLOCKED = ("reset task",)  # commands a policy may not send
+_TEMPLATE_PART = re.compile(r"\(([^()]*)\)|<(\w+)>")
 
 
-def parse_action(reply: str) -> str | None:
-    """First non-empty line of the reply, minus an optional 'Action:' prefix and surrounding
-    quotes/punctuation, lower-cased with single spaces; None unless it starts with a known verb."""
+def compile_grammar(templates: tuple[str, ...]) -> re.Pattern:
+    """One regex matching any command of the engine's templates, each written as literal
+    alternatives in parentheses and object slots in angle brackets, e.g.
+    "(pour) <obj> (in|into|on|to) <moveTo>". Templates whose literal text is in `_BLOCKED` are
+    dropped; an object slot matches any non-empty words (the engine resolves the referent)."""
+    alternatives = []
+    for template in templates:
+        parts = _TEMPLATE_PART.findall(template)
+        if not parts or " ".join(p[0] for p in parts if p[0]) in _BLOCKED:
+            continue
+        regex = []
+        for words, slot in parts:
+            if slot:
+                regex.append(r"\S(?:.*\S)?")
+            else:
+                options = sorted(words.split("|"), key=len, reverse=True)
+                regex.append("(?:" + "|".join(re.escape(w.strip()) for w in options) + ")")
+        alternatives.append(" ".join(regex))
+    if not alternatives:
+        raise EnvError(f"scienceworld: no usable command templates in {templates!r}")
+    return re.compile("|".join(f"(?:{a})" for a in alternatives))
+
+
+_compile_cached = functools.lru_cache(maxsize=64)(compile_grammar)
+
+
+def parse_action(reply: str, templates: tuple[str, ...]) -> str | None:
+    """The reply's first command line (`first_command_line`: lower-cased, single spaces, no
+    'Action:' prefix or end punctuation) if it fits one of the engine's `templates` whole, or is
+    a bare number (an answer to an ambiguity prompt); otherwise None."""
     text = first_command_line(reply)
-    return text if text and _VERB_RE.match(text) else None
+    if text is None:
+        return None
+    if text.isdigit() and len(text) <= 3:
+        return text
+    return text if _compile_cached(tuple(templates)).fullmatch(text) else None
+
+
+def read_templates(server) -> tuple[str, ...]:
+    """The loaded task's command templates, from the engine's action handler (py4j, 0.05-0.4 s),
+    in `compile_grammar`'s notation, sorted."""
+    handler = server.agentInterface().get().actionHandler()
+    templates = []
+    for action in handler.getActions():
+        triggers = action.triggers()
+        for i in range(triggers.length()):
+            pattern = triggers.apply(i).pattern()
+            parts = []
+            for j in range(pattern.length()):
+                expr = pattern.apply(j)
+                kind = expr.getClass().getSimpleName()
+                if kind == "ActionExprText":
+                    parts.append(f"({expr.text()})")
+                elif kind == "ActionExprOR":
+                    words = expr.orElements()
+                    parts.append("(" + "|".join(words.apply(k) for k in range(words.length())) + ")")
+                elif kind == "ActionExprIdentifier":
+                    parts.append(f"<{expr.identifier()}>")
+                else:  # an engine version with a new pattern element: fail loudly, not silently
+                    raise EnvError(f"scienceworld: unknown action pattern element {kind} in {action.name()!r}")
+            templates.append(" ".join(parts))
+    return tuple(sorted(templates))
 
 
 def normalise(text: str) -> str:
@@ -76,7 +145,7 @@ def known_task_names() -> list[str]:
 class ScienceWorldTextEnv:
     """Options:
     - `task_names`: ScienceWorld task names to draw tasks from (default: the four short
-      find-* classification tasks, 3-12 gold steps each).
+      find-* classification tasks, 5-10 gold steps each).
     - `max_variations_per_task`: at most this many variations per task and split, sampled with
       `seed` (0 or None = all; ScienceWorld has up to ~300 per task).
     - `simplification`: ScienceWorld simplification string, e.g. "easy" (= teleport, open doors,
@@ -90,12 +159,13 @@ class ScienceWorldTextEnv:
     system_prompt = (
         "You are an agent in ScienceWorld, a simulated house with rooms, objects, plants, animals "
         "and substances. Complete the science task given in the first observation. Reply with "
-        "exactly one command per turn, for example: look around, look at <thing>, go to <room>, "
-        "open <thing>, pick up <thing>, put down <thing>, move <thing> to <container>, "
-        "focus on <thing>, use <tool> on <thing>, pour <thing> in <container>, mix <container>, "
-        "activate <device>, deactivate <device>, wait, inventory. Use object names exactly as the "
-        "observations write them. Focusing on the wrong object fails the task, so only "
-        "'focus on' the object the task asks for."
+        "exactly one command per turn, for example: look around, look at <thing>, examine <thing>, "
+        "go to <room>, teleport to <room>, open <thing>, pick up <thing>, drop <thing>, "
+        "move <thing> to <container>, focus on <thing>, use <tool> on <thing>, "
+        "pour <thing> into <container>, mix <container>, activate <device>, deactivate <device>, "
+        "connect <terminal> to <terminal>, wait1, wait, inventory. Use object names exactly as the "
+        "observations write them. When asked which one you meant, reply with its number only. "
+        "Focusing on the wrong object fails the task, so only 'focus on' the object the task asks for."
     )
 
     def __init__(self, task_names: list[str] | tuple[str, ...] = DEFAULT_TASKS,
@@ -119,7 +189,9 @@ class ScienceWorldTextEnv:
         self._sw = None  # the ScienceWorldEnv (JVM), started on first use
         self._splits: dict[str, list[str]] = {}
         self._gold: dict[str, list[str]] = {}
+        self._templates: dict[str, tuple[str, ...]] = {}  # task name -> engine command templates
         self._task: str | None = None
+        self._task_name = names[0]  # whose templates `parse_action` uses
 
     # -- engine --------------------------------------------------------------------------
     def _engine(self):
@@ -131,12 +203,22 @@ class ScienceWorldTextEnv:
             self._sw = ScienceWorldEnv("", envStepLimit=10**6)  # we count steps ourselves
         return self._sw
 
-    def _load(self, name: str, variation: int, gold: bool = True) -> None:
+    def _load(self, name: str, variation: int, gold: bool = False) -> None:
         sw = self._engine()
         try:
             sw.load(name, variation, self.simplification, generateGoldPath=gold)
         except ValueError as e:  # bad simplification string
             raise EnvError(f"env.simplification={self.simplification!r}: {e}") from e
+        if name not in self._templates:
+            self._templates[name] = read_templates(sw.server)
+
+    def templates(self, name: str | None = None) -> tuple[str, ...]:
+        """The engine's command templates for task `name` (default: the current task's)."""
+        name = name or self._task_name
+        if name not in self._templates:
+            self._load(name, 0)  # loading ends any running episode
+            self._task = None
+        return self._templates[name]
 
     # -- protocol ------------------------------------------------------------------------
     def tasks(self, split: str) -> list[str]:
@@ -150,7 +232,7 @@ class ScienceWorldTextEnv:
         sw = self._engine()
         self._splits = {"train": [], "dev": [], "test": []}
         for name in self.task_names:
-            self._load(name, 0, gold=False)
+            self._load(name, 0)
             by_split = {"train": sw.get_variations_train(), "dev": sw.get_variations_dev(),
                         "test": sw.get_variations_test()}
             for split, variations in by_split.items():
@@ -161,7 +243,7 @@ class ScienceWorldTextEnv:
         self._task = None  # loading tasks for the listing ended any running episode
 
     def parse_action(self, reply: str) -> str | None:
-        return parse_action(reply)
+        return parse_action(reply, self.templates())
 
     def _check_task(self, task: str) -> tuple[str, int]:
         name, split, variation = split_task_id(task)
@@ -174,14 +256,15 @@ class ScienceWorldTextEnv:
     def reset(self, task: str) -> tuple[str, dict[str, Any]]:
         name, variation = self._check_task(task)
         self._load(name, variation)
-        server = self._engine().server
-        self._gold[task] = self._gold_path()
-        self._task, self.steps, self.won, self.raw_score = task, 0, False, 0.0
+        server = self._sw.server
+        # not server.getScore(): it still holds the last episode's score until the first step
+        self._task, self._task_name, self.steps, self.won, self.raw_score = task, name, 0, False, 0.0
         obs = f"{server.freeActionTaskDesc().strip()}\n\n{server.freeActionLook().strip()}"
         return obs, self._info(True)
 
     def _info(self, valid: bool, truncated: bool = False) -> dict[str, Any]:
-        info = {"valid": valid, "won": self.won, "score": score_from_raw(self.raw_score),
+        score = score_from_raw(self.raw_score)
+        info = {"valid": valid, "won": self.won, "score": score, "progress": score,
                 "raw_score": self.raw_score, "truncated": truncated}
         if self.list_admissible:
             info["admissible"] = sorted({normalise(a) for a in self._sw.server.getValidActionObjectCombinations()})
@@ -191,15 +274,13 @@ class ScienceWorldTextEnv:
         if self._task is None:
             raise RuntimeError("scienceworld: call reset(task) before step()")
         self.steps += 1
-        command = parse_action(action)
+        command = self.parse_action(action)
         before = score_from_raw(self.raw_score)
         if command is None:
             obs, valid = f"Nothing happens: {action.strip()[:80]!r} is not a ScienceWorld command.", False
         else:
             server = self._sw.server
             obs = str(server.step(command))
-            if obs.startswith(_AMBIGUOUS):
-                obs = str(server.step("0"))
             valid = not obs.startswith(_PARSE_FAILURES)
             self.raw_score = float(server.getScore())
             self.won = bool(server.getCompleted()) and self.raw_score >= 0
@@ -209,23 +290,41 @@ class ScienceWorldTextEnv:
         info = self._info(valid, truncated)
         return obs.strip(), info["score"] - before, done, info
 
-    def _gold_path(self) -> list[str]:
-        """The loaded task's gold path. With doors opened by the simplification, its
-        "open door to X" steps are no-ops ("The door is already open."), so they are dropped."""
-        gold = [str(a) for a in self._sw.server.getGoldActionSequence()]
-        if {"easy", "openDoors"} & set(self.simplification.split(",")):
-            gold = [a for a in gold if not a.startswith("open door to ")]
-        return gold
-
     def expert_actions(self, task: str) -> list[str]:
-        """ScienceWorld's gold path for `task` (it may run on after the task is complete).
-        Loading a task other than the current one ends the running episode."""
+        """ScienceWorld's gold path for `task`, cut at the win and without the steps the
+        engine's own parser rejects. Generating it reloads the engine: an episode that has not
+        taken a step yet is reset again (so reset-then-expert works), a later one ends."""
         if task not in self._gold:
             name, variation = self._check_task(task)
-            self._load(name, variation)
-            self._gold[task] = self._gold_path()
+            running = self._task if self._task is not None and self.steps == 0 else None
+            self._load(name, variation, gold=True)
+            self._gold[task] = self._replayed_gold()
             self._task = None
+            if running is not None:
+                self.reset(running)
         return list(self._gold[task])
+
+    def _replayed_gold(self) -> list[str]:
+        """Replay the just-generated gold path on the freshly loaded world and keep what the
+        engine accepts. Needed because the gold agent names objects by randomly chosen
+        referents, some of which its parser refuses (on mendelian-genetics-* 2 to 5 steps per
+        path, e.g. "move seed pea seed on seed jar containing pea seed to ceramic cup", and the
+        "0" answering it). A refused command does nothing and takes no time, so dropping it
+        leaves the rest of the path valid; one refused while an ambiguity prompt is pending
+        also cancels that prompt, so the prompting command goes too."""
+        server = self._sw.server
+        kept: list[str] = []
+        pending = False
+        for action in server.getGoldActionSequence():
+            obs = str(server.step(str(action)))
+            if not obs.startswith(_PARSE_FAILURES):
+                kept.append(str(action))
+            elif pending:
+                kept.pop()
+            pending = obs.startswith(_AMBIGUOUS)
+            if server.getCompleted():
+                break
+        return kept
 
     def close(self) -> None:
         if self._sw is not None:

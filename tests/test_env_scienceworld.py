@@ -3,20 +3,68 @@ import random
 import pytest
 
 from envs import EnvError, check_env, make_env
-from envs.scienceworld_env import normalise, parse_action, score_from_raw, split_task_id
+from envs.scienceworld_env import (compile_grammar, known_task_names, normalise, parse_action,
+                                   score_from_raw, split_task_id)
 
 
-def test_parse_action():
-    assert parse_action("Action: Focus on  the dove.\nbecause it lives") == "focus on the dove"
-    assert parse_action("\n  `go to kitchen`  ") == "go to kitchen"
-    assert parse_action("> open door to greenhouse") == "open door to greenhouse"
-    assert parse_action("move flower pot 8 to red box") == "move flower pot 8 to red box"
-    assert parse_action("wait1") == "wait1" and parse_action("waiting") is None  # whole words only
-    assert parse_action("wait") == "wait"
-    assert parse_action("reset task") is None
-    assert parse_action("I think we should go") is None
-    assert parse_action("") is None and parse_action("  \n ") is None
-    assert parse_action("gopher") is None
+# The engine's own templates (as `read_templates` returns them for power-component, "easy";
+# test_engine_templates checks this copy against the engine), so parse_action runs without a JVM.
+ENGINE_TEMPLATES = (
+    "(activate|turn on) <device>", "(close) <door>", "(connect) <terminalA> (to|in|into) <terminalB>",
+    "(deactivate|turn off) <device>", "(disconnect) <obj>", "(dunk) <moveTo> (in|into) <moveFrom>",
+    "(eat|consume) <food>", "(flush) <device>", "(focus on|focus) <obj>",
+    "(go|go through|walk through|move through|go to|walk to|move to|go into|move into) <doorOrLocation>",
+    "(inventory)", "(look around|look)", "(look at|look on|examine) <obj>", "(look in) <obj>",
+    "(mix|stir) <container>", "(move|put) <obj> (to|in|into|on) <moveTo>", "(open) <door>",
+    "(pick up|get|take) <obj>", "(pour) <obj> (in|into|on|to) <moveTo>", "(put down|drop) <obj>",
+    "(read) <document>", "(reset task)", "(task)", "(teleport|teleport to|teleport into) <location>",
+    "(use) <device> (on|with) <patient>", "(wait)", "(wait1)",
+)
+
+
+def parse(reply):
+    return parse_action(reply, ENGINE_TEMPLATES)
+
+
+def test_parse_action_gold_path_commands():
+    assert parse("Action: Focus on  the dove.\nbecause it lives") == "focus on the dove"
+    assert parse("\n  `go to kitchen`  ") == "go to kitchen"
+    assert parse("> open door to greenhouse") == "open door to greenhouse"
+    assert parse("move flower pot 8 to red box") == "move flower pot 8 to red box"
+    # the commands the old hand-written verb list refused
+    assert parse("examine substance in metal pot") == "examine substance in metal pot"
+    assert parse("drop aluminum foil") == "drop aluminum foil"
+    assert parse("focus on juvenile elephant in outside") == "focus on juvenile elephant in outside"
+    assert parse("pour jug into flower pot 3") == "pour jug into flower pot 3"
+    assert parse("use thermometer in inventory on substance in metal pot") == \
+        "use thermometer in inventory on substance in metal pot"
+    assert parse("connect battery anode to black wire terminal 1") == "connect battery anode to black wire terminal 1"
+    assert parse("teleport to kitchen") == "teleport to kitchen"
+    assert parse("wait1") == "wait1" and parse("wait") == "wait" and parse("look") == "look"
+
+
+def test_parse_action_numeric_answers():
+    # an answer to "Ambiguous request: Please enter the number ...": the engine judges the number
+    assert parse("0") == "0" and parse("Action: 12.") == "12" and parse("3\nthe seed jar one") == "3"
+    assert parse("1234") is None  # no prompt lists a thousand candidates
+    assert parse("-1") is None and parse("0.5") is None
+
+
+def test_parse_action_refuses_what_no_template_fits():
+    assert parse("reset task") is None  # a policy may not restart its own episode
+    assert parse("waiting") is None and parse("gopher") is None  # whole words only
+    assert parse("go") is None and parse("move apple") is None  # a template's words, slots empty
+    assert parse("move apple to") is None and parse("look at") is None
+    assert parse("I think we should go to the kitchen") is None
+    assert parse("") is None and parse("  \n ") is None and parse(None) is None
+    assert parse("\x00\x01 ~~~ ###") is None and parse("focus on " + "x" * 5000) == "focus on " + "x" * 5000
+
+
+def test_compile_grammar_drops_reset_and_rejects_empty():
+    grammar = compile_grammar(("(reset task)", "(look around|look)"))
+    assert grammar.fullmatch("look around") and not grammar.fullmatch("reset task")
+    with pytest.raises(EnvError, match="no usable command templates"):
+        compile_grammar(("(reset task)",))
 
 
 def test_small_helpers():
@@ -38,7 +86,7 @@ def test_bad_options_fail_before_starting_java():
 
 @pytest.fixture(scope="module")
 def env():
-    env = make_env("scienceworld", max_variations_per_task=2, max_steps=15, list_admissible=True)
+    env = make_env("scienceworld", max_variations_per_task=2, max_steps=20, list_admissible=True)
     yield env
     env.close()
 
@@ -52,34 +100,63 @@ def test_check_env_gold_paths_win_on_every_split(env):
 
 
 @pytest.mark.slow
-def test_gold_rewards_sum_to_score_and_reset_shows_task(env):
+def test_gold_rewards_sum_to_score_and_progress_is_the_engine_score(env):
     task = env.tasks("train")[4]  # a find-plant variation
     obs, info = env.reset(task)
     assert obs.startswith("Task Description:") and "find a(n) plant" in obs
-    assert info == {**info, "valid": True, "won": False, "score": 0.0}
+    assert info == {**info, "valid": True, "won": False, "score": 0.0, "progress": 0.0}
     assert info["admissible"] and "look around" in info["admissible"]
     expert = env.expert_actions(task)
-    assert not any(a.startswith("open door to") for a in expert)  # doors are open under "easy"
-    total = 0.0
+    # the no-op door steps stay: each one takes a tick, and the life-stage tasks need the timing
+    assert expert[0].startswith("open door to")
+    total, progress = 0.0, [info["progress"]]
     for action in expert:
         obs, reward, done, info = env.step(action)
+        assert info["valid"] and info["progress"] == info["score"] == info["raw_score"]
         total += reward
+        progress.append(info["progress"])
         if done:
             break
     assert info["won"] and info["score"] == 1.0 and total == pytest.approx(1.0)
+    # ScienceWorld's sub-goals for find-plant: move, focus, pick up, reach the box room, move in
+    assert progress == sorted(progress) and len(set(progress)) >= 4 and progress[-1] == 1.0
 
 
 @pytest.mark.slow
-def test_invalid_and_failing_actions(env):
+def test_engine_judges_validity_and_ambiguity_prompts(env):
     env.reset(env.tasks("dev")[0])
-    obs, reward, done, info = env.step("please fly away")  # not a command at all
+    obs, reward, done, info = env.step("please fly away")  # no template fits
     assert not info["valid"] and not done and reward == 0.0 and "not a ScienceWorld command" in obs
-    obs, reward, done, info = env.step("look at unicorn")  # a verb, but no such object
-    assert not info["valid"] and not done and reward == 0.0
-    obs, _, done, info = env.step("open door")  # ambiguous: resolved to the first candidate
-    assert info["valid"] and not obs.startswith("Ambiguous")
+    obs, reward, done, info = env.step("look at unicorn")  # a template, but no such object
+    assert not info["valid"] and not done and reward == 0.0 and obs == "No known action matches that input."
+    obs, _, _, info = env.step("0")  # a number with no prompt pending
+    assert not info["valid"] and obs == "No known action matches that input."
+    obs, _, _, info = env.step("teleport to hallway")  # six doors
+    assert info["valid"] and obs == "You teleport to the hallway."
+    obs, _, _, info = env.step("open door")  # ambiguous: the prompt is shown, a valid step
+    assert info["valid"] and obs.startswith("Ambiguous request") and "\n0:" in obs and "\n1:" in obs
+    obs, _, _, info = env.step("look around")  # anything but a number cancels the prompt
+    assert not info["valid"] and obs.startswith("Unknown action.")
+    env.step("open door")
+    obs, _, _, info = env.step("99")  # no such candidate
+    assert not info["valid"] and obs.startswith("Unknown action.")
+    env.step("open door")
+    obs, _, _, info = env.step("Action: 1")  # the engine's answer to a listed number
+    assert info["valid"] and obs.startswith("The door is")
+    obs, _, done, info = env.step("examine agent")  # a synonym only the engine's grammar lists
+    assert info["valid"] and not done and obs
     obs, _, done, info = env.step("focus on agent")  # wrong focus fails the task
     assert info["valid"] and done and not info["won"] and info["score"] == 0.0 and info["raw_score"] < 0
+    assert info["progress"] == 0.0
+
+
+@pytest.mark.slow
+def test_engine_templates(env):
+    electrical = {"(connect) <terminalA> (to|in|into) <terminalB>", "(disconnect) <obj>"}
+    assert env.templates("power-component") == ENGINE_TEMPLATES
+    assert set(env.templates("find-plant")) == set(ENGINE_TEMPLATES) - electrical  # "easy" drops them
+    assert env.parse_action("examine the red box") == "examine the red box"
+    assert env.parse_action("reset task") is None and env.parse_action("12") == "12"
 
 
 @pytest.mark.slow
@@ -116,3 +193,56 @@ def test_splits_are_scienceworlds_and_disjoint():
         assert len(train) == 5 and set(train) <= set(ids["train"])
     finally:
         sampled.close()
+
+
+# mendelian-genetics-known-plant is not reproducible in the engine: the same actions on the same
+# variation give different observations on each load (its plants' genotypes and the order it
+# lists objects in change; seeding scala.util.Random does not fix it), and on some loads 2 to 6
+# gold steps then name a seed that is not there. We measured it on 3 of 6 replays of one path;
+# unknown-plant on 0 of 6, kept here as it shares the code. Both must still win.
+UNREPRODUCIBLE = {"mendelian-genetics-known-plant": 8, "mendelian-genetics-unknown-plant": 8}
+
+
+def _replay_first_train_variations(names):
+    """Replay the gold path of each task's first train variation through the wrapper on one JVM;
+    per task: (task, won, refused actions)."""
+    env = make_env("scienceworld", task_names=names, max_variations_per_task=None, max_steps=400)
+    try:
+        first = {}
+        for task in env.tasks("train"):
+            first.setdefault(split_task_id(task)[0], task)
+        results = []
+        for task in first.values():
+            expert = env.expert_actions(task)
+            env.reset(task)
+            refused, done, info = [], False, {}
+            for action in expert:
+                obs, _, done, info = env.step(action)
+                if not info["valid"]:
+                    refused.append((action, obs[:60]))
+                if done:
+                    break
+            results.append((task, done and info["won"], refused))
+        return results
+    finally:
+        env.close()
+
+
+@pytest.mark.slow
+def test_gold_path_of_every_task_wins_with_every_action_valid():
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = known_task_names()
+    assert len(names) == 30
+    # two JVMs, one per core; the two slow mendelian tasks go to different ones
+    halves = [names[0::2], names[1::2]]
+    assert all(any(n.startswith("mendelian") for n in half) for half in halves)
+    with ThreadPoolExecutor(2) as pool:
+        results = [r for part in pool.map(_replay_first_train_variations, halves) for r in part]
+    assert sorted(split_task_id(t)[0] for t, _, _ in results) == names
+    assert [t for t, won, _ in results if not won] == []
+    refused = {t: r for t, _, r in results if r}
+    for task, actions in list(refused.items()):
+        if len(actions) <= UNREPRODUCIBLE.get(split_task_id(task)[0], 0):
+            del refused[task]
+    assert refused == {}
