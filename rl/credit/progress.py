@@ -1,4 +1,4 @@
-"""The SPA progress estimator: a causal-LM backbone with a scalar head read at each step's end.
+"""The SPA progress estimator: a causal-LM backbone with a scalar head read once per step.
 
 For trajectory i with token sequence input_ids, the estimator predicts one contribution per step,
 c_t = w·h(read_pos[t]) + b, where h is the backbone's last hidden state at step t's reading
@@ -10,11 +10,19 @@ al. 2025):
 so the contributions redistribute the delayed outcome over the steps. The backbone is any HF
 causal LM (fully fine-tuned, or LoRA through peft); the head starts at zero (c_t = 0).
 
-Departure from the paper: the paper reads c_t at the last token of action t (`read_at: action`),
-where c_t cannot see what the action did; `read_at: observation` reads it after the
-environment's reply (obs_{t+1}). On KeyDoor the action-end reading learnt a ramp over the step
-index (a length penalty: Spearman with the true increments near 0.1), see the README for the
-numbers of both readings over seeds.
+Departures from the paper. Its reading (`read_at: action`, the library default, kept because it
+assumes nothing about the env) puts c_t at the last token of action t, where c_t cannot see what
+the action did. On the quickstart's KeyDoor explorations it learnt a length penalty instead of
+progress: Spearman(c_t, true increment) -0.01 [-0.19, 0.17] over 5 seeds, the top-credit step a
+progress event in 7% of won episodes. Reading after the env's reply (`observation`) fits the
+outcomes better but credits walking onto the key and the door, not taking and opening: the SFT
+explorer always takes the key right after reaching it, so through the history the two steps are
+indistinguishable from outcomes. `read_at: state` (the quickstart's choice) makes c_t a
+difference of a potential of the observation alone, c_t = phi(o_{t+1}) - phi(o_t); the loss
+telescopes to (phi(o_S) - phi(o_0) - R)^2, so phi is pinned by where episodes end, and credit
+lands on the step that changed the state (the README has the numbers over seeds). It assumes the
+observation describes the state; where it does not (an inventory the text stops mentioning),
+use `observation` or `action`.
 
 Other choices: trajectories longer than `max_length` are left out of training (their kept
 steps cannot be asked to sum to R), and the count is logged; at annotation time the steps such a
