@@ -145,7 +145,7 @@ def known_task_names() -> list[str]:
 class ScienceWorldTextEnv:
     """Options:
     - `task_names`: ScienceWorld task names to draw tasks from (default: the four short
-      find-* classification tasks, 5-10 gold steps each).
+      find-* classification tasks, 5 to ~16 gold steps).
     - `max_variations_per_task`: at most this many variations per task and split, sampled with
       `seed` (0 or None = all; ScienceWorld has up to ~300 per task).
     - `simplification`: ScienceWorld simplification string, e.g. "easy" (= teleport, open doors,

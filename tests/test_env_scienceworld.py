@@ -96,7 +96,7 @@ def test_check_env_gold_paths_win_on_every_split(env):
     for split in ("train", "dev", "test"):
         tasks = env.tasks(split)
         assert len(tasks) == 8 and all(t.split(":")[1] == split for t in tasks)
-        check_env(env, split, max_tasks=len(tasks))
+        check_env(env, split, max_tasks=3)  # every task's gold path: the 30-task test below
 
 
 @pytest.mark.slow
