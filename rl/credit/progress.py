@@ -20,9 +20,12 @@ explorer always takes the key right after reaching it, so through the history th
 indistinguishable from outcomes. `read_at: state` (the quickstart's choice) makes c_t a
 difference of a potential of the observation alone, c_t = phi(o_{t+1}) - phi(o_t); the loss
 telescopes to (phi(o_S) - phi(o_0) - R)^2, so phi is pinned by where episodes end, and credit
-lands on the step that changed the state (the README has the numbers over seeds). It assumes the
-observation describes the state; where it does not (an inventory the text stops mentioning),
-use `observation` or `action`.
+lands on the step that changed the state: on 4 of 5 quickstart seeds Spearman sits at the
+ceiling its ties allow and the top-credit step is a progress event in 89-100% of won episodes.
+Observations seen only mid-episode are pinned by nothing but generalisation: on seed 4 phi rated
+"The key is here." above holding the key (benchmarks/results/progress_faithfulness.md). It
+assumes the observation describes the state; where it does not (an inventory the text stops
+mentioning), use `observation` or `action`.
 
 Other choices: trajectories longer than `max_length` are left out of training (their kept
 steps cannot be asked to sum to R), and the count is logged; at annotation time the steps such a
