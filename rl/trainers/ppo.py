@@ -94,6 +94,9 @@ class PPOConfig:
     whiten_advantages: bool = True  # normalise GAE advantages over the batch's action tokens
     critic: str = "shared"  # "shared": value head on the policy's last hidden state; "separate": own backbone
     max_length: int = 2048  # tokens per trajectory sequence (whole steps past it are dropped)
+    # padded tokens per forward/backward in the update (0: the whole micro-batch): each micro-batch
+    # is cut into pieces of at most this size, so activation memory is bounded by it (same gradient)
+    micro_batch_tokens: int = 0
     max_grad_norm: float = 1.0  # gradient norm clip
     eval_every: int = 5  # evaluate every N iterations (0: only at the end)
     eval_at_start: bool = True  # evaluate the initial policy before training (not on resume)
@@ -171,6 +174,19 @@ class BestPolicy:
 
     def restore(self, policy: nn.Module) -> None:
         policy.load_state_dict(torch.load(self.path / "policy.pt", map_location="cpu"))
+
+
+def _pieces(rows: torch.Tensor, lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """Split rows (sorted longest first) into consecutive pieces whose padded size (rows x the
+    piece's longest length) is at most `max_tokens`, at least one row each (0: one piece)."""
+    if max_tokens <= 0 or len(rows) == 0:
+        return [rows]
+    out, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or (i + 1 - start) * int(lengths[rows[start]]) > max_tokens:
+            out.append(rows[start:i])
+            start = i
+    return out
 
 
 def _is_peft(model) -> bool:
@@ -298,37 +314,40 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                 # accelerate divides each loss by gas and DDP averages over processes: scale the
                 # token-sum normaliser back so the step's gradient is the minibatch token mean
                 norm = float(mask[batch.rows_of(mb)].sum().clamp(min=1)) / (world * gas)
-                for idx in torch.tensor_split(mine, gas):
-                    length = max(int(batch.attention_mask[idx].sum(1).max()), 2)
-                    take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
-                    ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
+                for micro_rows in torch.tensor_split(mine, gas):
                     with accelerator.accumulate(model):
-                        logp, ent, values = model(ids, attn, m, temperature)
-                        if fill_old:
-                            old_logp[idx, :length] = logp.detach().float().cpu()
-                        pl, clip_frac, approx_kl = algos.ppo_policy_loss(logp, take(old_logp), take(adv), m,
-                                                                         cfg.clip_eps, norm)
-                        loss = pl - cfg.ent_coef * algos.token_mean(ent, m, norm)
-                        vl = torch.zeros((), device=ids.device)
-                        if values is not None:
-                            vl, _ = algos.value_loss(values, take(old_values), take(returns), m, cfg.vf_clip, norm)
-                            loss = loss + cfg.vf_coef * vl
-                        kl = torch.zeros((), device=ids.device)
-                        if cfg.kl_coef > 0:
-                            kl = algos.token_mean(kl_fn(logp, take(ref_logp)), m, norm)
-                            loss = loss + cfg.kl_coef * kl
-                        accelerator.backward(loss)
+                        # pieces of at most micro_batch_tokens padded tokens: activation memory is
+                        # set by that budget; their gradients add up to the micro-batch's exactly
+                        for idx in _pieces(micro_rows, lengths, cfg.micro_batch_tokens):
+                            length = max(int(lengths[idx].max()), 2)
+                            take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
+                            ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
+                            logp, ent, values = model(ids, attn, m, temperature)
+                            if fill_old:
+                                old_logp[idx, :length] = logp.detach().float().cpu()
+                            pl, clip_frac, approx_kl = algos.ppo_policy_loss(logp, take(old_logp), take(adv), m,
+                                                                             cfg.clip_eps, norm)
+                            loss = pl - cfg.ent_coef * algos.token_mean(ent, m, norm)
+                            vl = torch.zeros((), device=ids.device)
+                            if values is not None:
+                                vl, _ = algos.value_loss(values, take(old_values), take(returns), m, cfg.vf_clip, norm)
+                                loss = loss + cfg.vf_coef * vl
+                            kl = torch.zeros((), device=ids.device)
+                            if cfg.kl_coef > 0:
+                                kl = algos.token_mean(kl_fn(logp, take(ref_logp)), m, norm)
+                                loss = loss + cfg.kl_coef * kl
+                            accelerator.backward(loss)
+                            ntok = m.sum().float()
+                            # pl, vl, kl are shares of the minibatch mean: scale back to token sums
+                            sums += torch.stack([pl.detach() * norm, vl.detach() * norm, kl.detach() * norm,
+                                                 (ent * m).sum().detach(), clip_frac * ntok, approx_kl * ntok, ntok,
+                                                 attn.sum().float()])
                         if accelerator.sync_gradients:
                             gn = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                             if gn is not None:  # DeepSpeed clips inside its step and returns None
                                 grad_norms.append(float(gn))
                         optimizer.step()
                         optimizer.zero_grad()
-                    ntok = m.sum().float()
-                    # pl, vl, kl are shares of the minibatch mean: scale back to token sums
-                    sums += torch.stack([pl.detach() * norm, vl.detach() * norm, kl.detach() * norm,
-                                         (ent * m).sum().detach(), clip_frac * ntok, approx_kl * ntok, ntok,
-                                         attn.sum().float()])
         timing["update_time"] = update_time = time.perf_counter() - t2
         timing["update_cpu_time"] = time.process_time() - c2
         timing["update_peak_rss_gib"] = peak_rss_gib()
