@@ -61,6 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--iterations", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--micro-tokens", type=int, default=0, help="rl.micro_batch_tokens (0: off)")
+    ap.add_argument("--grad-ckpt", action="store_true", help="model.gradient_checkpointing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--matmul-n", type=int, default=1024)
     return ap.parse_args(argv)
@@ -85,7 +87,7 @@ def main(argv=None) -> None:
     acc = Accelerator(cpu=not torch.cuda.is_available())
     peak = matmul_peak_flops(str(acc.device), args.matmul_n)
     tok = load_tokenizer(args.model)
-    policy = load_model(ModelConfig(name=args.model, lora=not args.no_lora), tok)
+    policy = load_model(ModelConfig(name=args.model, lora=not args.no_lora, gradient_checkpointing=args.grad_ckpt), tok)
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     n_embed = base.get_input_embeddings().weight.numel()
     n_params = sum(p.numel() for p in base.parameters()) - n_embed  # tied head counted once, below
@@ -105,7 +107,7 @@ def main(argv=None) -> None:
     cfg = PPOConfig(algo=args.algo, iterations=args.iterations, tasks_per_iter=args.tasks, group_size=args.group,
                     ppo_epochs=args.epochs, minibatch_size=args.minibatch, grad_accum_steps=args.grad_accum,
                     lr=1e-4, kl_coef=args.kl, eval_every=0, eval_at_start=False, save_every=10**9,
-                    seed=args.seed)
+                    seed=args.seed, micro_batch_tokens=args.micro_tokens)
     extra = {"temperature": args.temperature}
     if args.history_turns:
         extra["history_turns"] = args.history_turns

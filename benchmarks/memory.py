@@ -37,11 +37,13 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
-    policy = load_model(ModelConfig(name=args.model, lora=True), tok)
+    policy = load_model(ModelConfig(name=args.model, lora=True, gradient_checkpointing=bool(args.grad_ckpt)), tok)
     trajs = synthetic_trajectories(args.episodes, args.turns)
     cfg = PPOConfig(algo="grpo", iterations=1, tasks_per_iter=args.episodes // 4, group_size=4, ppo_epochs=args.epochs,
                     minibatch_size=args.minibatch, grad_accum_steps=args.grad_accum, lr=1e-4, kl_coef=0.05,
                     eval_every=0, eval_at_start=False, save_every=10**9)
+    if args.micro_tokens:  # an older checkout may not know the key
+        cfg.micro_batch_tokens = args.micro_tokens
     rewards = lambda ts: [[0.0] * (t.num_steps - 1) + [t.outcome] for t in ts]  # noqa: E731
     acc = Accelerator(cpu=True)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -64,13 +66,16 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--micro-tokens", type=int, default=0, help="rl.micro_batch_tokens (0: off)")
+    ap.add_argument("--grad-ckpt", type=int, default=0, help="1: model.gradient_checkpointing")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--repo", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
     print(f"{args.model} + LoRA, {args.episodes} synthetic episodes x {args.turns} turns, minibatch {args.minibatch}, "
-          f"grad_accum {args.grad_accum}, {args.epochs} epoch(s), GRPO + KL (reference pass), {args.threads} threads")
+          f"grad_accum {args.grad_accum}, {args.epochs} epoch(s), GRPO + KL (reference pass), {args.threads} threads, "
+          f"micro_batch_tokens {args.micro_tokens}, gradient checkpointing {bool(args.grad_ckpt)}")
     print(f"{'repo':<40} {'action':>6} {'tokens':>6} | {'score GiB':>9} {'update GiB':>10} | {'score cpu s':>11} "
           f"{'update cpu s':>12}")
     results: dict[str, list[dict]] = {r: [] for r in args.repos}
@@ -78,7 +83,8 @@ def main() -> None:
         for repo in args.repos:
             cmd = [sys.executable, str(HERE), "--child", "--repo", repo] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("model", "episodes", "turns", "minibatch", "grad_accum", "epochs", "threads")]
+                if k in ("model", "episodes", "turns", "minibatch", "grad_accum", "epochs", "threads", "micro_tokens",
+                         "grad_ckpt")]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": repo})
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
