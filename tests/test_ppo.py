@@ -367,3 +367,20 @@ def test_token_budget_pieces_give_the_same_update(warm_model, tok, tmp_path):
     a, b = rows_whole[0], rows_split[0]
     for key in ("policy_loss", "kl_loss", "entropy", "approx_kl", "grad_norm"):
         assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def test_separate_critic_reads_its_own_backbone(warm_model, tok):
+    wrapped = ppo.PolicyWithValue(copy.deepcopy(warm_model), "separate")
+    with torch.no_grad():
+        wrapped.value_head.weight.normal_(0, 1.0)
+        for p in wrapped.critic_backbone.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    batch = _varied_batch(tok)
+    with torch.no_grad():
+        logp, _, values = wrapped(batch.input_ids, batch.attention_mask, batch.action_mask)
+        hidden = wrapped.critic_backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                         output_hidden_states=True).hidden_states[-1]
+        want = torch.nn.functional.pad(wrapped.value_head(hidden).squeeze(-1)[:, :-1], (1, 0))
+        ref = algos.token_logprobs(wrapped.policy(input_ids=batch.input_ids).logits, batch.input_ids)
+    real, m = batch.attention_mask.bool(), batch.action_mask.bool()
+    assert torch.allclose(values[real], want[real], atol=1e-5) and torch.allclose(logp[m], ref[m], atol=1e-5)
