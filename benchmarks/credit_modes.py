@@ -6,8 +6,13 @@ the shared stages), and writes a markdown table of held-out success per mode, th
 difference of each mode to `terminal` (same seed, same SFT policy), the estimator's faithfulness
 to KeyDoor's true progress, and the wall time per cell:
 
-    python benchmarks/credit_modes.py --quick          # 2 seeds, short RL: about 15 min on 2 cores
-    python benchmarks/credit_modes.py                  # 5 seeds, the quickstart's RL: about 2 hours
+    python benchmarks/credit_modes.py --quick          # 2 seeds, 4 RL iterations
+    python benchmarks/credit_modes.py                  # 5 seeds, the quickstart's 12 RL iterations
+
+Measured on 2 cores shared with other jobs: a --quick cell (rl + eval) took 150-500 s and a seed's
+sft + explore + progress 3-6 min, so --quick with all six modes is about an hour (15 min with
+`--modes terminal,spa` and little else running); the default budget was not run (a quickstart RL
+stage is 5-15 min, so expect 4-8 hours for 30 cells).
 
 Resumable: a cell is done when its own run dir holds `cell.json` (written after its eval stage);
 re-running skips done cells and continues an interrupted RL stage from its checkpoint
