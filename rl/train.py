@@ -203,10 +203,22 @@ def run(cfg: RunConfig) -> dict[str, float]:
             from rl.report import write_report
 
             write_report(ctx.run_dir)
+        ctx.accelerator.wait_for_everyone()
     finally:
         if ctx.tracker is not None:
             ctx.tracker.close()
+        leave_process_group()
     return results
+
+
+def leave_process_group() -> None:
+    """Tear the torch.distributed group down before the interpreter exits: a rank that exits
+    while its peer's gloo threads still hold their connection can abort the peer with SIGABRT
+    ("terminate called without an active exception"), turning a finished run into a failed one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import toy_letters as toy  # noqa: E402
 
 from rl.models import load_tokenizer, tiny_model  # noqa: E402
 from rl.tracking import Tracker  # noqa: E402
+from rl.train import leave_process_group  # noqa: E402
 from rl.trainers.ppo import PPOConfig, train_rl  # noqa: E402
 
 
@@ -47,6 +48,8 @@ def main():
     checksum = float(sum(p.detach().double().sum() for p in policy.parameters()))
     out = {"rank": acc.process_index, "world": acc.num_processes, "distributed_type": str(acc.distributed_type), "seen": tracker.seen, "checksum": checksum}
     (run_dir / f"rank{acc.process_index}.json").write_text(json.dumps(out))
+    acc.wait_for_everyone()
+    leave_process_group()
 
 
 if __name__ == "__main__":

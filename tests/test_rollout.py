@@ -275,6 +275,7 @@ sys.path.insert(0, sys.argv[2])
 from test_rollout import CountEnv
 from rl.models import load_tokenizer, tiny_model
 from rl.rollout import RolloutConfig, collect_rollouts
+from rl.train import leave_process_group
 
 torch.set_num_threads(1)
 acc = Accelerator(cpu=True)
@@ -283,6 +284,10 @@ trajs = collect_rollouts(tiny_model(tok), tok, CountEnv, ["n-1", "n-3", "n-2"], 
                          max_new_tokens=4), group_size=2, accelerator=acc)
 out = [(t.traj_id, t.task, t.group_id, t.num_steps) for t in trajs]
 open(f"{sys.argv[1]}/rank{acc.process_index}.json", "w").write(json.dumps(out))
+# leave the gloo group together: a rank that exits while its peer's gloo threads still hold the
+# connection can abort the peer ("terminate called without an active exception", SIGABRT)
+acc.wait_for_everyone()
+leave_process_group()
 """
 
 
@@ -302,9 +307,10 @@ def test_accelerate_launch_two_processes_gathers_everything(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # launch/cpu_2proc.yaml explains why plain `--cpu --num_processes 2` starts one process
-    subprocess.run(["accelerate", "launch", "--config_file", str(repo / "launch" / "cpu_2proc.yaml"),
-                    "--main_process_port", str(port), str(script), str(tmp_path), str(repo / "tests")],
-                   cwd=repo, env=env, check=True, timeout=170, capture_output=True)
+    proc = subprocess.run(["accelerate", "launch", "--config_file", str(repo / "launch" / "cpu_2proc.yaml"),
+                           "--main_process_port", str(port), str(script), str(tmp_path), str(repo / "tests")],
+                          cwd=repo, env=env, timeout=170, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
     expected = [[0, "n-1", 0, 1], [1, "n-1", 0, 1], [2, "n-3", 1, 3], [3, "n-3", 1, 3], [4, "n-2", 2, 2],
                 [5, "n-2", 2, 2]]
     for rank in (0, 1):

@@ -195,6 +195,7 @@ def test_pipeline_accelerator_keeps_its_settings(tok):
 DDP_SCRIPT = """
 import json, sys, torch
 from rl.models import load_tokenizer, tiny_model
+from rl.train import leave_process_group
 from rl.trainers.sft import SFTConfig, train_sft
 sys.path.insert(0, {tests!r})
 from test_sft import DEMOS
@@ -204,6 +205,8 @@ cfg = SFTConfig(lr=0.0, epochs=1, batch_size=1, warmup_ratio=0.0)
 train_sft(cfg, tiny_model(tok, seed=3), tok, DEMOS[:2], {out!r}, log_fn=lambda m, s: logs.append(m))
 if logs:  # main process only
     open({out!r} + ".json", "w").write(json.dumps(dict(logs[0], world_size=torch.distributed.get_world_size())))
+torch.distributed.barrier()
+leave_process_group()
 """
 
 
