@@ -1,7 +1,9 @@
-"""Seeded, disjoint train/dev/test task splits shared by the pure-Python LMRL-Gym envs."""
+"""Seeded, disjoint train/dev/test task splits and the information-gain progress shared by the
+pure-Python LMRL-Gym envs."""
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Sequence, TypeVar
 
@@ -39,3 +41,12 @@ def check_split(env: str, splits: dict[str, dict], split: str) -> list[str]:
     if split not in splits:
         raise EnvError(f"{env} split {split!r}: choose one of {sorted(splits)}")
     return list(splits[split])
+
+
+def bits_progress(num_items: int, num_candidates: int, won: bool) -> float:
+    """Ground-truth progress of a guessing game (Wordle, Twenty Questions): the bits learnt,
+    log2(N_0 / N_t), over log2(N_0) + 1, and 1 once won. The extra bit is the winning guess, so
+    knowing the answer and naming it are told apart and the outcome is the increments' sum."""
+    if won:
+        return 1.0
+    return math.log2(num_items / num_candidates) / (math.log2(num_items) + 1)

@@ -233,12 +233,19 @@ class TextWorldEnv:
         bar.close()
         return games
 
-    def _load_or_generate(self, seed: int, knobs: tuple[int, int, int]) -> dict:
+    def _cached_meta(self, seed: int) -> dict | None:
+        """The cached game's metadata (or its rejection), None when seed must be generated."""
         meta_path = self.cache_dir / f"{seed}.meta.json"
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             if "rejected" in meta or (self.cache_dir / f"{seed}.z8").exists():
                 return meta
+        return None
+
+    def _load_or_generate(self, seed: int, knobs: tuple[int, int, int]) -> dict:
+        meta = self._cached_meta(seed)
+        if meta is not None:
+            return meta
         self.num_generated += 1
         return _generate_game(self._tw, self.cache_dir, seed, *knobs)
 

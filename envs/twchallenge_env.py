@@ -135,12 +135,11 @@ class TwChallengeEnv(TextWorldEnv):
         self._points, self._max_points, self._plan, self._plan0, self._lost = 0, 1, None, 1, False
 
     def _load_or_generate(self, seed: int, knobs: tuple) -> dict:
-        meta_path = self.cache_dir / f"{seed}.meta.json"
-        if meta_path.exists():
-            meta = json.loads(meta_path.read_text())
-            if "rejected" in meta or (self.cache_dir / f"{seed}.z8").exists():
-                return meta
+        meta = self._cached_meta(seed)
+        if meta is not None:
+            return meta
         self.num_generated += 1
+        meta_path = self.cache_dir / f"{seed}.meta.json"
         settings = dict(self.settings)
         split = self._seed_split.get(seed, "train")
         if self.challenge_splits and self.challenge == "cooking":

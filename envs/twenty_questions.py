@@ -26,11 +26,10 @@ remaining candidates most evenly (ties: table order) and guesses once one candid
 
 from __future__ import annotations
 
-import math
 import re
 
 from envs.base import EnvError, first_command_line, register
-from envs.splits import assign_splits, check_split, split_counts
+from envs.splits import assign_splits, bits_progress, check_split, split_counts
 
 QUESTIONS = {  # attribute -> its question (replies are matched lower-cased, end punctuation dropped)
     "alive": "is it alive?", "animal": "is it an animal?", "mammal": "is it a mammal?",
@@ -222,7 +221,6 @@ class TwentyQuestionsEnv:
         if list_in_prompt:
             self.system_prompt += (" Questions: " + " ".join(QUESTIONS.values()) +
                                    " Objects: " + ", ".join(OBJECTS) + ".")
-        self._bits = math.log2(len(OBJECTS))
         self._task: str | None = None
 
     def tasks(self, split: str) -> list[str]:
@@ -232,10 +230,7 @@ class TwentyQuestionsEnv:
         return parse_action(reply)
 
     def _info(self, valid: bool) -> dict:
-        if self.won:
-            progress = 1.0
-        else:
-            progress = math.log2(len(OBJECTS) / len(self.candidates)) / (self._bits + 1)
+        progress = bits_progress(len(OBJECTS), len(self.candidates), self.won)
         return {"valid": valid, "won": self.won, "score": progress, "progress": progress,
                 "candidates": len(self.candidates)}
 

@@ -30,11 +30,10 @@ within 4 guesses (tested over all of them).
 from __future__ import annotations
 
 import functools
-import math
 import re
 
 from envs.base import EnvError, first_command_line, register
-from envs.splits import assign_splits, check_split, split_counts
+from envs.splits import assign_splits, bits_progress, check_split, split_counts
 
 WORDS = tuple("""
 about above abuse actor acute admit adopt adult after again agent agree ahead alarm album alert
@@ -148,7 +147,6 @@ class WordleEnv:
         counts = split_counts("wordle", num_train_tasks, num_dev_tasks, num_test_tasks)
         self._splits = assign_splits("wordle", WORDS, counts, seed)
         self._tasks = {k: v for split in self._splits.values() for k, v in split.items()}
-        self._bits = math.log2(len(WORDS))
         self._task: str | None = None
 
     def tasks(self, split: str) -> list[str]:
@@ -158,10 +156,7 @@ class WordleEnv:
         return parse_action(reply)
 
     def _info(self, valid: bool) -> dict:
-        if self.won:
-            progress = 1.0
-        else:
-            progress = math.log2(len(WORDS) / len(self.candidates)) / (self._bits + 1)
+        progress = bits_progress(len(WORDS), len(self.candidates), self.won)
         return {"valid": valid, "won": self.won, "score": progress, "progress": progress,
                 "candidates": len(self.candidates), "guesses": self.guesses}
 
