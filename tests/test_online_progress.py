@@ -70,3 +70,25 @@ def test_refit_every_is_validated():
         ProgressConfig(refit_every=-1).validate()
     with pytest.raises(ValueError, match="OnlineProgress needs >= 1"):
         OnlineProgress(ProgressEstimator(tiny_model(load_tokenizer("tiny"))), load_tokenizer("tiny"), ProgressConfig())
+
+
+def test_refit_micro_batches_equal_whole_batches(tok):
+    """Online refits accumulate progress.micro_batch_size micro-batches into each batch's mean
+    gradient: with plain SGD (linear in the gradient) the refit weights are the same."""
+    from rl.credit.online import refit_epochs
+    from rl.credit.progress import _item, _pad_id
+    from rl.credit.readout import read_view
+
+    trajs = batch(0) + batch(4)[:3]  # 7 trajectories: batches of 4 and 3
+    items = [_item(read_view(tok, t, "action", 512), t) for t in trajs]
+    out = {}
+    for micro in (0, 2, 1):
+        est = ProgressEstimator(tiny_model(tok, seed=0))
+        opt = torch.optim.SGD(est.parameters(), lr=0.02)
+        loss = refit_epochs(est, opt, items, _pad_id(tok), epochs=2, batch_size=4, seed=0, grad_clip=0.0,
+                            micro_batch_size=micro)
+        out[micro] = (weights(est), loss)
+    assert (out[0][0] - weights(ProgressEstimator(tiny_model(tok, seed=0)))).abs().max() > 1e-4  # it moved
+    for micro in (2, 1):
+        torch.testing.assert_close(out[micro][0], out[0][0], rtol=1e-3, atol=5e-5)
+        assert out[micro][1] == pytest.approx(out[0][1], rel=1e-5)

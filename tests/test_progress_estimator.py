@@ -10,7 +10,7 @@ import torch
 
 from rl.credit import (ProgressConfig, ProgressEstimator, annotate_progress, checked_view, fit_progress_estimator,
                        progress_loss, step_rewards, CreditConfig)
-from rl.credit.progress import collate
+from rl.credit.progress import _pad_id, collate
 from rl.models import load_tokenizer, tiny_model
 from rl.trajectory import Step, TokenView, Trajectory, TrajectoryError
 
@@ -275,3 +275,51 @@ def test_estimator_learns_progress_from_outcomes(tok, tmp_path):
     assert mae <= MAE_FRACTION * base
     # credit lands on the event's own step, with the right sign and about the right size
     assert means[0.5] > 0.3 and means[-0.5] < -0.3 and abs(means[0.0]) < 0.1
+
+
+def test_micro_batches_give_the_same_gradients_as_whole_batches(tok, tmp_path, monkeypatch):
+    """progress.micro_batch_size only bounds memory: the gradients of a batch's micro-batches add up
+    to the batch mean's at every optimizer step, the short last batch included (11 trajectories in
+    batches of 4: 4, 4, 3), and the fitted estimator is the same."""
+    trajs = [make_traj(i, ["take key", "go north", "open door"][: 1 + i % 3], float(i % 2), obs_len=1 + i % 4)
+             for i in range(11)]
+    step = torch.optim.AdamW.step
+    grads, fitted = {}, {}
+
+    def recording_step(self, *a, **k):
+        grads[micro].append(torch.cat([p.grad.flatten().clone() for g in self.param_groups for p in g["params"]
+                                       if p.grad is not None]))
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    for micro in (0, 2, 1):
+        grads[micro] = []
+        cfg = ProgressConfig(lr=1e-3, head_lr=1e-2, epochs=1, batch_size=4, micro_batch_size=micro,
+                             val_fraction=0.0, patience=3, grad_clip=0.0)
+        est = fit_progress_estimator(cfg, trajs, tok, tiny_model(tok), tmp_path / f"m{micro}")
+        fitted[micro] = torch.cat([p.detach().flatten() for p in est.parameters()])
+    assert len(grads[0]) == 3 and all(g.abs().max() > 0 for g in grads[0])
+    for micro in (2, 1):
+        assert len(grads[micro]) == 3
+        for got, want in zip(grads[micro], grads[0]):
+            torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(fitted[micro], fitted[0], rtol=1e-3, atol=1e-5)
+    # a batch shorter than batch_size is still its own mean: the gradient of the SPA loss over the
+    # 3 trajectories, by hand at the initial weights
+    short = trajs[:3]
+    ref = ProgressEstimator(tiny_model(tok))
+    batch = collate([{"input_ids": v.input_ids, "step_ends": v.step_ends, "outcome": t.outcome}
+                     for t, v in ((t, checked_view(tok, t, None)) for t in short)], _pad_id(tok))
+    c = ref(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
+    progress_loss(c, batch["step_mask"].float(), batch["outcome"]).backward()
+    # in the optimizer's order: the backbone's group, then the head's
+    params = [*ref.backbone.parameters(), *ref.head.parameters()]
+    want = torch.cat([p.grad.flatten() for p in params if p.grad is not None])
+    for micro in (0, 1):
+        grads[micro] = []
+        cfg = ProgressConfig(epochs=1, batch_size=4, micro_batch_size=micro, val_fraction=0.0, grad_clip=0.0)
+        fit_progress_estimator(cfg, short, tok, tiny_model(tok), tmp_path / f"short{micro}")
+        (got,) = grads[micro]
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        ProgressConfig(batch_size=4, micro_batch_size=3).validate()

@@ -36,9 +36,11 @@ LogFn = Callable[[dict, int], None]
 
 
 def refit_epochs(estimator: ProgressEstimator, optimizer: torch.optim.Optimizer, items: Sequence[dict], pad_id: int,
-                 epochs: int, batch_size: int, seed: int, grad_clip: float) -> float:
+                 epochs: int, batch_size: int, seed: int, grad_clip: float, micro_batch_size: int = 0) -> float:
     """`epochs` passes of the SPA loss over `items` ({input_ids, step_ends, outcome}), shuffled by
-    `seed`; returns the last pass's mean loss per trajectory."""
+    `seed`, one optimizer step per `batch_size` items, forward/backward `micro_batch_size` at a
+    time (0: the whole batch); returns the last pass's mean loss per trajectory."""
+    micro = micro_batch_size or batch_size
     device = next(estimator.parameters()).device
     estimator.train()
     rng = random.Random(seed)
@@ -48,16 +50,18 @@ def refit_epochs(estimator: ProgressEstimator, optimizer: torch.optim.Optimizer,
         rng.shuffle(order)
         total = 0.0
         for start in range(0, len(order), batch_size):
-            batch = collate([items[i] for i in order[start : start + batch_size]], pad_id)
-            c = estimator(batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                          batch["step_ends"].to(device))
-            loss = progress_loss(c, batch["step_mask"].to(device, c.dtype), batch["outcome"].to(device, c.dtype))
-            loss.backward()
+            chunk = order[start : start + batch_size]
+            for m in range(0, len(chunk), micro):
+                batch = collate([items[i] for i in chunk[m : m + micro]], pad_id)
+                c = estimator(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                              batch["step_ends"].to(device))
+                loss = progress_loss(c, batch["step_mask"].to(device, c.dtype), batch["outcome"].to(device, c.dtype))
+                (loss * (len(c) / len(chunk))).backward()  # the chunk's mean once all are in
+                total += loss.item() * len(c)
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(estimator.parameters(), grad_clip)
             optimizer.step()
             optimizer.zero_grad()
-            total += loss.item() * len(c)
     estimator.eval()
     return total / max(len(items), 1)
 
@@ -95,7 +99,8 @@ class OnlineProgress:
                 items.append(_item(view, t))
         self.refits += 1
         return refit_epochs(self.estimator, self.optimizer, items, _pad_id(self.tokenizer), self.cfg.refit_epochs,
-                            self.cfg.batch_size, self.cfg.seed + self.refits, self.cfg.grad_clip)
+                            self.cfg.batch_size, self.cfg.seed + self.refits, self.cfg.grad_clip,
+                            self.cfg.micro_batch_size)
 
     def __call__(self, trajs: Sequence[Trajectory]) -> None:
         self.calls += 1

@@ -38,6 +38,7 @@ validation split is empty).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -68,6 +69,9 @@ class ProgressConfig:
     head_lr: float = 1e-3  # learning rate of the scalar head (fresh weights learn faster)
     epochs: int = 3  # maximum passes over the training split
     batch_size: int = 8  # trajectories per optimizer step (per process)
+    # trajectories per forward/backward pass (0: batch_size); gradients of the micro-batches of a
+    # batch are accumulated, so peak memory is set by this and the result is the same as one pass
+    micro_batch_size: int = 0
     max_length: int = 2048  # tokens per trajectory; longer ones are left out of training
     val_fraction: float = 0.1  # share of trajectories held out for early stopping
     patience: int = 2  # stop after this many epochs without a better validation loss
@@ -94,6 +98,13 @@ class ProgressConfig:
         for name in ("epochs", "batch_size", "max_length", "patience", "refit_buffer", "refit_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"progress.{name}={getattr(self, name)}: must be >= 1")
+        if self.micro_batch_size < 0 or (self.micro_batch_size and self.batch_size % self.micro_batch_size):
+            raise ValueError(f"progress.micro_batch_size={self.micro_batch_size}: must be 0 (= batch_size) or "
+                             f"divide progress.batch_size={self.batch_size}")
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size
 
 
 def progress_loss(step_preds: torch.Tensor, step_mask: torch.Tensor, outcomes: torch.Tensor) -> torch.Tensor:
@@ -315,9 +326,11 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
     optimizer = torch.optim.AdamW([{"params": body_params, "lr": cfg.lr}, {"params": head_params, "lr": cfg.head_lr}],
                                   weight_decay=cfg.weight_decay)
     pad = _pad_id(tokenizer)
+    # the loaders yield micro-batches; `accum` of them make one optimizer step of batch_size
     make = lambda idx, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        [items[i] for i in idx], batch_size=cfg.batch_size, shuffle=shuffle, collate_fn=lambda b: collate(b, pad),
+        [items[i] for i in idx], batch_size=cfg.micro, shuffle=shuffle, collate_fn=lambda b: collate(b, pad),
         generator=torch.Generator().manual_seed(cfg.seed))
+    accum = cfg.batch_size // cfg.micro
     train_loader, val_loader = make(train_idx, True), make(val_idx, False)
     model, optimizer, train_loader = accelerator.prepare(estimator, optimizer, train_loader)
     if val_idx:
@@ -328,16 +341,29 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
     best, best_state, stale, step = math.inf, None, 0, 0
     for epoch in range(cfg.epochs):
         model.train()
-        running, seen = 0.0, 0
-        for batch in tqdm(train_loader, desc=f"progress epoch {epoch}", disable=not accelerator.is_local_main_process):
-            c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
-            loss = progress_loss(c, batch["step_mask"].to(c.dtype), batch["outcome"].to(c.dtype))
-            accelerator.backward(loss)
+        running, seen, in_batch = 0.0, 0, 0
+        n_micro = len(train_loader)
+        for i, batch in enumerate(tqdm(train_loader, desc=f"progress epoch {epoch}",
+                                       disable=not accelerator.is_local_main_process)):
+            last = (i + 1) % accum == 0 or i + 1 == n_micro
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                c = model(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
+                loss = progress_loss(c, batch["step_mask"].to(c.dtype), batch["outcome"].to(c.dtype))
+                # sum over the batch's trajectories / batch_size: the batch mean once all are in
+                accelerator.backward(loss * (len(c) / cfg.batch_size))
+            in_batch += len(c)
+            running, seen = running + loss.item() * len(c), seen + len(c)
+            if not last:
+                continue
+            if in_batch != cfg.batch_size:  # a short last batch: still its own mean
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(cfg.batch_size / in_batch)
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad()
-            running, seen, step = running + loss.item() * len(c), seen + len(c), step + 1
+            in_batch, step = 0, step + 1
         train_loss = running / max(seen, 1)
         val_loss = _mean_loss(model, val_loader, accelerator) if val_idx else train_loss
         if log_fn is not None:
@@ -359,7 +385,7 @@ def fit_progress_estimator(cfg: ProgressConfig, trajs: Sequence[Trajectory], tok
     # every process scores the whole (small) validation split itself: per-trajectory credits for
     # the CV and for the faithfulness to the env's true progress, where the env reports it
     held = [trajs[item_traj[i]] for i in (val_idx or train_idx)]
-    credits = predict_progress(estimator, tokenizer, held, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    credits = predict_progress(estimator, tokenizer, held, batch_size=cfg.micro, max_length=cfg.max_length)
     cv = credit_cv([c for cs in credits for c in cs])
     faithful = {f"progress/{k}": v for k, v in trajectory_faithfulness(held, credits).items()}
     if log_fn is not None:
