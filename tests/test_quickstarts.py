@@ -32,11 +32,13 @@ FAMILIES = {
 
 
 def _engine_missing() -> bool:
+    from envs import EnvError
+
     try:
-        from envs.chess_env import find_engine
+        from envs.chess_env import find_engine  # needs python-chess
 
         find_engine()
-    except Exception:
+    except (ImportError, EnvError):
         return True
     return False
 

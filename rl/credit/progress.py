@@ -25,9 +25,9 @@ ceiling its ties allow and the top-credit step is a progress event in 89-100% of
 Observations seen only mid-episode are pinned by nothing but generalisation: on seed 4 phi rated
 "The key is here." above holding the key (benchmarks/results/progress_faithfulness.md). It
 assumes the observation describes the state; where it does not (an inventory the text stops
-mentioning), use `observation` or `action`. The quickstart recipe still reads at `action`: with
-`state` its seed 0 went 0.50 -> 0.75 held-out (+25, against +24), one seed, so its published
-per-seed table is not yet re-measured under the new reading.
+mentioning), use `observation` or `action`. The quickstart recipe still reads at `action` (its
+5-seed README table was measured so, and its heat-map is still a ramp over the step index); with
+`state` only seed 0's RL has been run (0.50 -> 0.75 held-out).
 
 Other choices: trajectories longer than `max_length` are left out of training (their kept
 steps cannot be asked to sum to R), and the count is logged; at annotation time the steps such a
