@@ -108,8 +108,10 @@ def test_tokens_after_last_action_contribute_no_gradient(tok):
                  for r, e in zip(rows, extra)]
     leaky = [{"input_ids": r["input_ids"] + e, "labels": r["labels"] + e} for r, e in zip(rows, extra)]
     clean_w, perturbed_w, leaky_w = (_train_rows(tok, r) for r in (rows, perturbed, leaky))
+    # float noise only: longer rows change the matmul blocking, and Adam's normalised step can turn
+    # a ~1e-9 gradient difference into ~3e-5 on a weight (seen once); the control below moves 1e-3
     for name in clean_w:
-        torch.testing.assert_close(perturbed_w[name], clean_w[name], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(perturbed_w[name], clean_w[name], atol=1e-4, rtol=1e-4)
     # control: the same extra tokens with labels do move the weights
     assert max((leaky_w[n] - clean_w[n]).abs().max().item() for n in clean_w) > 1e-3
 
