@@ -36,8 +36,9 @@ def test_mean_ci_and_paired_rows_by_hand():
 
 @pytest.mark.slow
 def test_harness_end_to_end_and_resumes(tmp_path, capsys):
+    # two cells at a time: the shared stages of both seeds first, then the four cells
     runs, out = tmp_path / "runs", tmp_path / "credit_modes.md"
-    args = ["--seeds", "2", "--modes", "terminal,spa", "--runs", str(runs), "--out", str(out)]
+    args = ["--seeds", "2", "--modes", "terminal,spa", "--runs", str(runs), "--out", str(out), "--jobs", "2"]
     for o in TINY:
         args += ["--set", o]
     assert bench.main(args) == 0
@@ -57,3 +58,24 @@ def test_harness_end_to_end_and_resumes(tmp_path, capsys):
     assert bench.main(args) == 0
     assert {p: p.stat().st_mtime for p in runs.glob("*/cell.json")} == stamps
     assert out.read_text() == text
+
+
+def test_run_all_reports_failures_and_goes_on(monkeypatch, tmp_path):
+    done = []
+
+    def base(recipe, runs, s, overrides):
+        if s == 2:
+            raise RuntimeError("sft failed")
+        done.append(("base", s))
+
+    def cell(recipe, runs, s, m, overrides):
+        if (s, m) == (1, "spa"):
+            raise RuntimeError("boom")
+        done.append((s, m))
+
+    monkeypatch.setattr(bench, "run_base", base)
+    monkeypatch.setattr(bench, "run_cell", cell)
+    failed = bench.run_all("r.yaml", tmp_path, [0, 1, 2], ["terminal", "spa"], [], jobs=2)
+    assert sorted(failed) == ["seed 1 spa: boom", "seed 2 sft+explore+progress: sft failed"]
+    # seed 2's cells never start (no shared stages); every other cell ran
+    assert sorted(d for d in done if d[0] != "base") == [(0, "spa"), (0, "terminal"), (1, "terminal")]
