@@ -45,6 +45,7 @@ def credit_heatmap(trajs: Sequence[Trajectory], credits_by_mode: dict[str, list[
     widest = max(t.num_steps for t in sample)
     fig, axes = plt.subplots(len(sample), 1, squeeze=False,
                              figsize=(max(6.0, 0.9 * widest + 2.0), (0.45 * len(modes) + 1.6) * len(sample)))
+    fig.subplots_adjust(hspace=0.6)  # room for the rotated action labels above the next title
     image = None
     for ax, traj, grid in zip(axes[:, 0], sample, grids):
         image = ax.imshow(grid, cmap="RdBu_r", norm=norm, aspect="auto")

@@ -17,17 +17,15 @@ progress: Spearman(c_t, true increment) -0.01 [-0.19, 0.17] over 5 seeds, the to
 progress event in 7% of won episodes. Reading after the env's reply (`observation`) fits the
 outcomes better but credits walking onto the key and the door, not taking and opening: the SFT
 explorer always takes the key right after reaching it, so through the history the two steps are
-indistinguishable from outcomes. `read_at: state` (the faithful one on KeyDoor; opt-in) makes c_t a
-difference of a potential of the observation alone, c_t = phi(o_{t+1}) - phi(o_t); the loss
-telescopes to (phi(o_S) - phi(o_0) - R)^2, so phi is pinned by where episodes end, and credit
-lands on the step that changed the state: on 4 of 5 quickstart seeds Spearman sits at the
+indistinguishable from outcomes. `read_at: state` (the quickstart's setting; opt-in elsewhere)
+makes c_t a difference of a potential of the observation alone, c_t = phi(o_{t+1}) - phi(o_t);
+the loss telescopes to (phi(o_S) - phi(o_0) - R)^2, so phi is pinned by where episodes end, and
+credit lands on the step that changed the state: on 4 of 5 quickstart seeds Spearman sits at the
 ceiling its ties allow and the top-credit step is a progress event in 89-100% of won episodes.
 Observations seen only mid-episode are pinned by nothing but generalisation: on seed 4 phi rated
 "The key is here." above holding the key (benchmarks/results/progress_faithfulness.md). It
 assumes the observation describes the state; where it does not (an inventory the text stops
-mentioning), use `observation` or `action`. The quickstart recipe still reads at `action` (its
-5-seed README table was measured so, and its heat-map is still a ramp over the step index); with
-`state` only seed 0's RL has been run (0.50 -> 0.75 held-out).
+mentioning), use `observation` or `action`.
 
 Other choices: trajectories longer than `max_length` are left out of training (their kept
 steps cannot be asked to sum to R), and the count is logged; at annotation time the steps such a
