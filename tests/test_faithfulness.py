@@ -184,7 +184,8 @@ def test_state_reading_telescopes_a_potential_of_each_observation(tok):
     views = [read_view(tok, t, "state", None) for t in trajs]
     assert [len(v.obs_ids) for v in views] == [6, 7, 5]  # S + 1 observations, the final one included
     batch = collate([_item(v, t) for v, t in zip(views, trajs)], 0)
-    assert batch["input_ids"].shape[0] == 18 and batch["step_ends"].shape == (3, 7)
+    distinct = {tuple(o) for v in views for o in v.obs_ids}
+    assert batch["input_ids"].shape[0] == len(distinct) and batch["step_ends"].shape == (3, 7)
     assert batch["step_mask"].tolist()[2] == [1, 1, 1, 1, 0, 0]
     with torch.no_grad():
         c = est(batch["input_ids"], batch["attention_mask"], batch["step_ends"])
@@ -203,6 +204,44 @@ def test_state_reading_telescopes_a_potential_of_each_observation(tok):
             assert c[b].sum().item() == pytest.approx(phi(obs[-1]) - phi(obs[0]), abs=1e-4)
     annotate_progress(est, tok, trajs)
     assert trajs[1].annotations["progress"] == pytest.approx(c[1, :6].tolist(), abs=1e-5)
+
+
+def test_state_batch_encodes_a_repeated_observation_once_with_the_same_gradient(tok):
+    """KeyDoor revisits the same observation often: the batch holds each distinct one once, and
+    the loss and its gradient equal those of the batch with one row per (trajectory, observation)."""
+    from rl.credit import ProgressEstimator
+    from rl.credit.progress import _item, collate, progress_loss
+    from rl.models import tiny_model
+
+    a, b, c = "You walk north. The key is here.", "You took the key. The door is 1 step east.", "You won."
+    trajs = [Trajectory(0, "t", [Step(a, "take key", True), Step(b, "go east", True)], 0.5, False,
+                        final_observation=c),
+             Trajectory(1, "t", [Step(b, "go west", True)], 1.0, True, final_observation=a)]
+    views = [read_view(tok, t, "state", None) for t in trajs]
+    batch = collate([_item(v, t) for v, t in zip(views, trajs)], 0)
+    assert batch["input_ids"].shape[0] == 3  # a, b and c, though a and b appear twice each
+    assert batch["step_ends"].tolist() == [[0, 1, 2], [1, 0, -1]]
+
+    def loss_and_grads(ids, attn, rows):
+        est = ProgressEstimator(tiny_model(tok, seed=3), read_at="state")
+        torch.nn.init.normal_(est.head.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+        c = est(ids, attn, rows)
+        loss = progress_loss(c, batch["step_mask"].float(), batch["outcome"])
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in est.parameters() if p.grad is not None]
+
+    # the undeduplicated batch: one row per (trajectory, observation), built by hand
+    seqs = [o for v in views for o in v.obs_ids]
+    L = max(len(s) for s in seqs)
+    ids = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
+    attn = torch.tensor([[1] * len(s) + [0] * (L - len(s)) for s in seqs])
+    rows = torch.tensor([[0, 1, 2], [3, 4, -1]])
+    got, want = loss_and_grads(batch["input_ids"], batch["attention_mask"], batch["step_ends"]), \
+        loss_and_grads(ids, attn, rows)
+    assert got[0] == pytest.approx(want[0], rel=1e-5)
+    assert max(w.abs().max().item() for w in want[1]) > 1e-2  # a gradient worth comparing
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-3)  # float sums in another order
 
 
 def cut_oracle_keydoor(n, seed):

@@ -41,21 +41,24 @@ class ReadView:
 
 
 def collate_states(items: Sequence[dict], pad_id: int) -> dict:
-    """Right-pad every item's observation sequences into one flat batch:
-    input_ids, attention_mask (N, L) with N = sum_i (S_i + 1); step_ends (B, S_max + 1) holds the
-    flat row of observation j of item i (-1: none); step_mask (B, S_max) = 1 where step t exists;
-    outcome (B,)."""
+    """Right-pad the items' distinct observation sequences into one flat batch:
+    input_ids, attention_mask (N, L) with N = the number of distinct sequences (an observation
+    met again, in this trajectory or another, is encoded once: phi is a function of the
+    observation alone, so its rows would be identical, and on KeyDoor most rows are repeats);
+    step_ends (B, S_max + 1) holds the row of observation j of item i (-1: none); step_mask
+    (B, S_max) = 1 where step t exists; outcome (B,)."""
     import torch
 
-    seqs = [s for it in items for s in it["obs_ids"]]
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    row_of: dict[tuple, int] = {}
     rows = torch.full((len(items), max(len(it["obs_ids"]) for it in items)), -1, dtype=torch.long)
-    k = 0
     for b, it in enumerate(items):
         for j, s in enumerate(it["obs_ids"]):
-            ids[k, : len(s)], attn[k, : len(s)], rows[b, j] = torch.tensor(s), 1, k
-            k += 1
+            rows[b, j] = row_of.setdefault(tuple(s), len(row_of))
+    seqs = list(row_of)
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for k, s in enumerate(seqs):
+        ids[k, : len(s)], attn[k, : len(s)] = torch.tensor(s), 1
     return {"input_ids": ids, "attention_mask": attn, "step_ends": rows, "step_mask": (rows[:, 1:] >= 0).long(),
             "outcome": torch.tensor([float(it["outcome"]) for it in items])}
 
