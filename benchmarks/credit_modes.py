@@ -22,7 +22,7 @@ Modes (every cell gets the same rl.iterations, tasks, group size and epochs):
     terminal    credit.mode=terminal                       outcome at the last step
     spa         credit.mode=spa                            estimator fit once before RL
     spa-online  credit.mode=spa progress.refit_every=K     refit on RL's own rollouts every K its
-    mc          credit.mode=mc                             Monte-Carlo returns
+    mc          credit.mode=terminal rl.gamma=0.9          Monte-Carlo returns G_t = 0.9^(T-t) R
     gigpo       credit.mode=gigpo rl.algo=gigpo            step groups over shared states
     ppo-critic  credit.mode=terminal rl.algo=ppo           a learnt critic (GAE) on the outcome
 """
@@ -45,7 +45,7 @@ MODES = {
     "terminal": ["credit.mode=terminal"],
     "spa": ["credit.mode=spa"],
     "spa-online": ["credit.mode=spa", "progress.refit_every=2"],
-    "mc": ["credit.mode=mc"],
+    "mc": ["credit.mode=terminal", "rl.gamma=0.9"],  # Monte-Carlo returns 0.9^(T-t) R (see rl.train)
     "gigpo": ["credit.mode=gigpo", "rl.algo=gigpo"],
     "ppo-critic": ["credit.mode=terminal", "rl.algo=ppo"],
 }

@@ -84,6 +84,13 @@ class RunConfig:
         if "rl" in self.stages and (self.credit.mode == "gigpo") != (self.rl.algo == "gigpo"):
             raise ValueError(f"credit.mode={self.credit.mode!r} with rl.algo={self.rl.algo!r}: "
                              "credit.mode=gigpo and rl.algo=gigpo go together")
+        # every advantage estimator sums the step rewards to go (GAE, turn-level GRPO) or over the
+        # episode (GRPO, RLOO): fed mc's returns G_t it would sum returns, weighting each step by the
+        # number of steps after it
+        if "rl" in self.stages and self.credit.mode == "mc":
+            raise ValueError("credit.mode='mc' gives returns G_t, and rl sums step rewards to go itself, so G_t "
+                             "would be summed twice: for Monte-Carlo returns use credit.mode=terminal with "
+                             "rl.gamma=<discount> (every estimator then computes G_t = gamma^(T-t) R)")
         if "rl" in self.stages and self.rl.keep_best and (not self.env.dev_split or self.env.dev_split == self.env.eval_split):
             raise ValueError("rl.keep_best=true selects a checkpoint on env.dev_split: set it to a split other than "
                              f"env.eval_split={self.env.eval_split!r} (selecting on the held-out split would leak)")

@@ -77,6 +77,26 @@ def test_gigpo_credit_needs_the_gigpo_algorithm():
     assert cfg.rl.estimator == "given" and not cfg.rl.uses_critic
 
 
+def test_mc_credit_is_refused_by_rl_and_terminal_with_gamma_gives_mc_returns():
+    import torch
+
+    from rl import algos
+    from rl.train import RunConfig
+
+    with pytest.raises(ConfigError, match="credit.mode='mc' gives returns.*credit.mode=terminal with rl.gamma"):
+        load_config(RunConfig, None, ["credit.mode=mc"])
+    assert load_config(RunConfig, None, ["credit.mode=mc", "stages=[sft,explore,progress]"]).credit.mode == "mc"
+    # the alternative: terminal reward, the turn-level estimator discounts it to G_t = gamma^(T-t) R.
+    # A group of two 2-step episodes, R = 1 and 0, gamma 0.5: G = [0.5, 1] and [0, 0]; minus the
+    # turn means [0.25, 0.5]; over the unbiased std of {0.5, 1, 0, 0} = sqrt(0.6875 / 3)
+    rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    mask = torch.tensor([[0, 1, 0, 1], [0, 1, 0, 1]])
+    adv, _ = algos.grpo_step_level(rewards, torch.zeros(2, 4), mask, [[1, 3], [1, 3]], torch.tensor([0, 0]), 0.5, 1.0)
+    s = (0.6875 / 3) ** 0.5
+    want = [[0, 0.25 / s, 0, 0.5 / s], [0, -0.25 / s, 0, -0.5 / s]]
+    assert adv.flatten().tolist() == pytest.approx([x for row in want for x in row], abs=1e-5)
+
+
 def test_keep_best_selects_on_a_dev_split_never_the_test_split():
     from rl.train import RunConfig
 

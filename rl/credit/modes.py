@@ -6,7 +6,9 @@ the same task in one batch share it).
 
     terminal  r_t = R·[t = T]                                     (sparse, delayed reward)
     spa       r_t = alpha·c_t + beta·g_t (+ R·[t = T] with spa_add_outcome)   c_t: estimated progress
-    mc        r_t = G_t = sum_{k>=t} gamma^(k-t) u_k,  u_k = R·[k = T] (+ env reward of step k)
+    mc        r_t = G_t = sum_{k>=t} gamma^(k-t) u_k,  u_k = R·[k = T] (+ env reward of step k): a
+              return, for heat-maps and analysis; the RL stage refuses it (its estimators sum
+              rewards to go themselves: terminal with rl.gamma gives these returns there)
     gigpo     r_t = A^E_i + w·A^S_{i,t}          (an advantage, not a reward: see `gigpo_advantages`)
     prm       r_t = s_t (+ R·[t = T] with prm_add_outcome)          s_t: any per-step scorer
 
