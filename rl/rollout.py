@@ -16,6 +16,8 @@ Cost per turn is linear in the new text, not in the whole history:
   what the trainer scores). Rows are selected as episodes end; the cache is rebuilt when it
   would exceed twice the longest prompt (holes pile up when slots restart). Greedy outputs equal
   the no-reuse path (tested).
+- A fresh batch whose rows share a prompt (the G rollouts of a task, started together) encodes
+  each distinct prompt once and copies its KV to the rows that share it.
 - `history_turns=k`: the prompt keeps the system prompt, the first observation and the last k to
   2k-1 turns (`rl.trajectory.window_start`); within a window block it is extended as above, and
   when the window drops its oldest k turns it is encoded afresh (the cache row restarts), so a
@@ -109,11 +111,39 @@ class HFBackend:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.prepare_inputs_for_generation).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.forward_cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self.cache = None  # DynamicCache of the last call's prompts (rows = self.rows)
         self.rows: list[int] = []  # slot held by each cache row
         self.mask = None  # (R, Lc) attention mask of the cached positions (0 = hole/pad)
         self.cached: dict[int, list[int]] = {}  # slot -> prompt ids whose KV is in its row
         self.calls = 0  # generate calls made (one per turn)
+        self.shared_rows = 0  # prompt rows whose prefill was copied from an equal prompt's
+
+    def _shared_prefill(self, prompts: list[list[int]]):
+        """A fresh batch in which rows share a prompt (the G rollouts of a task start alike):
+        encode each distinct prompt once, all but its last token, and copy its KV to the rows
+        that share it; generate then feeds each row only its last prompt token. None when every
+        prompt is distinct."""
+        import torch
+        from transformers import DynamicCache
+
+        distinct: dict[tuple, int] = {}
+        rows = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+        if len(distinct) == len(prompts) or min(len(p) for p in prompts) < 2:
+            return None
+        heads, head_mask = _left_pad([list(p[:-1]) for p in distinct], self.pad_id)
+        cache = DynamicCache()
+        dev = self.model.device
+        # left padding: positions count real tokens only, as generate's own prefill does
+        pos = (head_mask.cumsum(1) - 1).clamp(min=0)
+        self.model(input_ids=heads.to(dev), attention_mask=head_mask.to(dev), position_ids=pos.to(dev),
+                   use_cache=True, logits_to_keep=1, **{self.forward_cache_kw: cache})
+        cache.batch_select_indices(torch.tensor(rows, device=dev))
+        self.shared_rows += len(prompts) - len(distinct)
+        old_mask = head_mask[rows]
+        ids = torch.cat([torch.full(old_mask.shape, self.pad_id, dtype=torch.long),
+                         torch.tensor([[p[-1]] for p in prompts])], 1)
+        return ids, torch.cat([old_mask, torch.ones(len(prompts), 1, dtype=torch.long)], 1), cache
 
     def _inputs(self, prompts: list[list[int]], slots: list[int]):
         """(input_ids, attention_mask, cache) for this call: incremental when the cache allows."""
@@ -137,6 +167,8 @@ class HFBackend:
                 new_ids, new_mask = _left_pad(news, self.pad_id)
                 old_ids = torch.full(old_mask.shape, self.pad_id, dtype=torch.long)
                 return torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), self.cache
+        if self.reuse and (shared := self._shared_prefill(prompts)) is not None:
+            return shared
         ids, mask = _left_pad(prompts, self.pad_id)
         return ids, mask, (DynamicCache() if self.reuse else None)
 

@@ -367,3 +367,24 @@ def test_generation_runs_the_lm_head_on_one_position_per_row(tok):
         hook.remove()
     assert sum(t.num_steps for t in trajs) == 9 and len(widths) >= 9
     assert set(widths) == {1}
+
+
+def test_a_groups_shared_first_prompt_is_encoded_once(tok, model, monkeypatch):
+    """G rollouts of a task start from the same prompt: its KV is computed once and copied, and
+    greedy replies equal those of the path that encodes every row itself (no reuse)."""
+    cfg = RolloutConfig(max_turns=4, max_new_tokens=8, num_envs=6, reuse_cache=False)
+    tasks = ["n-4", "n-3", "fussy-3"]
+    ref = collect_rollouts(model, tok, CountEnv, tasks, cfg, group_size=2, greedy=True)
+    fed = []
+    hook = model.register_forward_pre_hook(lambda mod, args, kw: fed.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        backend = HFBackend(model, tok, RolloutConfig(max_turns=4, max_new_tokens=8, num_envs=6), greedy=True)
+        got = run_episodes(backend, tok, CountEnv, [(i * 2 + k, t, i) for i, t in enumerate(tasks) for k in range(2)],
+                           RolloutConfig(max_turns=4, max_new_tokens=8, num_envs=6))
+    finally:
+        hook.remove()
+    assert _actions(got) == _actions(ref)
+    assert backend.shared_rows == 3  # 6 rows, 3 distinct first prompts
+    # the shared prefill ran on the 3 distinct prompts (all but their last token), then generate
+    # fed each of the 6 rows its last prompt token only
+    assert fed[0][0] == 3 and fed[1] == (6, 1)
