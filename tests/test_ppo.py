@@ -315,7 +315,7 @@ def test_skipping_the_old_pass_gives_the_same_training(warm_model, tok, tmp_path
     assert [r["score_sequences"] for r in rows_skip] == [n - cfg.minibatch_size + n] * 2  # old rows + ref rows
     assert [r["score_sequences"] for r in rows_full] == [2 * n] * 2
     for a, b in zip(skip.parameters(), full.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)
+        print("maxdiff", (a - b).abs().max().item()); assert torch.allclose(a, b, atol=1e-5)
     for a, b in zip(rows_skip, rows_full):
         for key in ("policy_loss", "kl_loss", "clip_frac", "approx_kl", "entropy", "kl_ref", "reward"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
@@ -352,18 +352,34 @@ def test_history_window_needs_a_critic_free_algo(tok, tmp_path):
                  None, tasks=TASKS, history_turns=2)
 
 
-def test_token_budget_pieces_give_the_same_update(warm_model, tok, tmp_path):
-    """rl.micro_batch_tokens cuts each micro-batch into pieces (here one sequence each): the
-    gradient is the same sum, so weights and metrics equal the unsplit run's."""
+def test_token_budget_pieces_give_the_same_update(warm_model, tok, tmp_path, monkeypatch):
+    """rl.micro_batch_tokens cuts each micro-batch into pieces (here one sequence each): every
+    optimizer step gets the same gradient sum, so metrics and weights equal the unsplit run's.
+    (Weights are compared where the gradient is not ~0: Adam's first step is about lr * sign(g),
+    so on a weight with |g| ~ 1e-9 float noise flips it, and later steps carry that on.)"""
     rows, lengths = torch.tensor([3, 1, 0, 2]), torch.tensor([5, 8, 4, 10])
     assert [p.tolist() for p in ppo._pieces(rows, lengths, 16)] == [[3], [1, 0], [2]]
     assert [p.tolist() for p in ppo._pieces(rows, lengths, 0)] == [[3, 1, 0, 2]]
-    cfg = dict(algo="grpo", iterations=1, ppo_epochs=2, kl_coef=0.1, eval_every=0, eval_at_start=False)
+    grads = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    # one minibatch of the whole batch, one epoch: a single optimizer step
+    cfg = dict(algo="grpo", iterations=1, ppo_epochs=1, minibatch_size=16, kl_coef=0.1, eval_every=0,
+               eval_at_start=False)
     whole, rows_whole = run(small_cfg(**cfg), copy.deepcopy(warm_model), tok, tmp_path / "whole", eval_n=4)
     split, rows_split = run(small_cfg(**cfg, micro_batch_tokens=1), copy.deepcopy(warm_model), tok,
                             tmp_path / "split", eval_n=4)
-    for a, b in zip(whole.parameters(), split.parameters()):
-        assert torch.allclose(a, b, atol=1e-5)
+    assert len(grads) == 2
+    for gw, gs, a, b in zip(grads[0], grads[1], whole.parameters(), split.parameters()):
+        torch.testing.assert_close(gs, gw, atol=1e-6, rtol=1e-4)
+        clear = gw.abs() > 1e-6
+        torch.testing.assert_close(a[clear], b[clear], atol=1e-6, rtol=0)
+    assert max(g.abs().max().item() for g in grads[0]) > 1e-2
     a, b = rows_whole[0], rows_split[0]
     for key in ("policy_loss", "kl_loss", "entropy", "approx_kl", "grad_norm"):
         assert a[key] == pytest.approx(b[key], abs=1e-5), key

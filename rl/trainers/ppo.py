@@ -52,7 +52,8 @@ from torch import nn
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.phases import peak_rss_gib, phase, reset_peak_rss
-from rl.trainers.scoring import Batch, PolicyWithValue, advantages, build_batch, lm_logprobs, token_counts  # noqa: F401
+from rl.trainers.scoring import (Batch, PolicyWithValue, advantages, build_batch, group_major_order,  # noqa: F401
+                                 group_permutation, lm_logprobs, token_counts)
 from rl.trainers.scoring import has_dropout as _has_dropout
 from rl.trainers.scoring import score as _score
 
@@ -285,7 +286,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         # 4-5: old log-probs / values / reference, advantages. Without a critic and dropout, the
         # first minibatch of epoch 0 is scored by the update itself: its forward runs on the
         # weights the batch was sampled with, so old = new.detach() there exactly (ratio 1)
-        perms = [torch.randperm(n_batch, generator=torch.Generator().manual_seed(_iter_seed(cfg.seed, it, 1 + e)))
+        perms = [group_permutation(batch.group_ids, torch.Generator().manual_seed(_iter_seed(cfg.seed, it, 1 + e)))
                  for e in range(cfg.ppo_epochs)]
         first_mb = perms[0][:cfg.minibatch_size] if not (cfg.uses_critic or dropout) else torch.arange(0)
         old_rows = batch.rows_of(torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long))
@@ -309,8 +310,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                 mb = perm[mb_start:mb_start + cfg.minibatch_size]
                 fill_old = epoch == 0 and mb_start == 0 and len(first_mb) > 0
                 mine = batch.rows_of(mb[accelerator.process_index * micro * gas:(accelerator.process_index + 1) * micro * gas])
-                # micro-batches of similar lengths (the step's gradient is a sum: order is free)
-                mine = mine[torch.argsort(lengths[mine], descending=True, stable=True)]
+                # a group's rows side by side (their shared prompt is encoded once per micro-batch,
+                # scoring.decoder_hidden), longest groups first (the step's gradient is a sum: order is free)
+                mine = group_major_order(mine, lengths, batch.row_groups())
                 # accelerate divides each loss by gas and DDP averages over processes: scale the
                 # token-sum normaliser back so the step's gradient is the minibatch token mean
                 norm = float(mask[batch.rows_of(mb)].sum().clamp(min=1)) / (world * gas)

@@ -20,14 +20,69 @@ from rl import algos
 from rl.trajectory import TokenView, Trajectory, tokenize_windows
 
 
+def _cache_kw(module: nn.Module) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def decoder_hidden(decoder: nn.Module, input_ids, attention_mask, positions) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) for right-padded rows.
+
+    Rows whose tokens before their first scored position are equal (the G rollouts of a task
+    share the system prompt and first observation, and no action token lies in them) run that
+    prefix once: the decoder encodes each distinct prefix, its KV is copied to the rows that share
+    it, and each row feeds only the rest of its tokens, at their own positions. Hidden states and
+    their gradients equal the full forward's up to float rounding (tested); with activation
+    checkpointing (which drops the KV cache) or no shared prefix, it is the full forward.
+    """
+    B, T = input_ids.shape
+    scored = positions.bool()
+    lengths = attention_mask.sum(1)
+    first = torch.where(scored.any(1), scored.float().argmax(1), lengths).tolist()
+    distinct: dict[tuple, int] = {}
+    row_of = [distinct.setdefault(tuple(input_ids[i, : first[i]].tolist()), len(distinct)) for i in range(B)]
+    rest = [int(lengths[i]) - first[i] for i in range(B)]
+    if len(distinct) == B or min(first) < 1 or max(rest) < 1 or getattr(decoder, "gradient_checkpointing", False):
+        return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    from transformers import DynamicCache
+
+    dev = input_ids.device
+    P, S = max(first), max(rest)
+    pre_ids = torch.zeros(len(distinct), P, dtype=input_ids.dtype, device=dev)
+    pre_mask = torch.zeros(len(distinct), P, dtype=attention_mask.dtype, device=dev)
+    for prefix, u in distinct.items():
+        pre_ids[u, : len(prefix)] = torch.tensor(prefix, dtype=input_ids.dtype)
+        pre_mask[u, : len(prefix)] = 1
+    cache = DynamicCache()
+    kw = _cache_kw(decoder)
+    pre = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True, **{kw: cache}).last_hidden_state
+    rows = torch.tensor(row_of, device=dev)
+    cache.batch_select_indices(rows)  # indexing: gradients flow back to the shared prefix
+    suf_ids = torch.zeros(B, S, dtype=input_ids.dtype, device=dev)
+    suf_mask = torch.zeros(B, S, dtype=attention_mask.dtype, device=dev)
+    for i in range(B):
+        suf_ids[i, : rest[i]] = input_ids[i, first[i] : first[i] + rest[i]]
+        suf_mask[i, : rest[i]] = 1
+    start = torch.tensor(first, device=dev).unsqueeze(1)
+    suf = decoder(input_ids=suf_ids, attention_mask=torch.cat([pre_mask[rows], suf_mask], 1),
+                  position_ids=start + torch.arange(S, device=dev), use_cache=True, **{kw: cache}).last_hidden_state
+    # position t of row i: its prefix row's hidden state below first[i], else its suffix's
+    t = torch.arange(T, device=dev).unsqueeze(0)
+    src = torch.where(t < start, t, P + t - start).clamp(max=P + S - 1)
+    both = torch.cat([pre[rows], suf], 1)
+    return both.gather(1, src.unsqueeze(-1).expand(-1, -1, both.shape[-1]))
+
+
 def lm_logprobs(lm: nn.Module, input_ids, attention_mask, positions, temperature: float = 1.0):
     """Log-probs and entropies (B, T) of the tokens at `positions` under a causal LM at
-    `temperature`, and its last hidden states (B, T, H). The decoder runs without its LM head; the
-    head runs only at the scored positions, in chunks (`algos.selected_token_logprobs`), so no
-    (B, T, V) logits exist: with a 49k vocabulary they were most of a step's memory."""
+    `temperature`, and its last hidden states (B, T, H). The decoder runs without its LM head
+    (rows with a shared prompt prefix encode it once, `decoder_hidden`); the head runs only at the
+    scored positions, in chunks (`algos.selected_token_logprobs`), so no (B, T, V) logits exist:
+    with a 49k vocabulary they were most of a step's memory."""
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm  # peft: LoRA layers are inside
     head = base.get_output_embeddings()
-    hidden = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = decoder_hidden(base.get_decoder(), input_ids, attention_mask, positions)
     logp, ent = algos.selected_token_logprobs(hidden, head.weight, input_ids, positions, temperature, head.bias,
                                               softcap=getattr(base.config, "final_logit_softcapping", None))
     return logp, ent, hidden
@@ -84,6 +139,10 @@ class Batch:
     @property
     def one_row_per_trajectory(self) -> bool:
         return self.row_traj is None
+
+    def row_groups(self) -> torch.Tensor:
+        """(R,) the task group of each sequence."""
+        return self.group_ids if self.row_traj is None else self.group_ids[self.row_traj]
 
     def rows_of(self, trajs: torch.Tensor) -> torch.Tensor:
         """Sequence indices of the trajectories `trajs` (ascending)."""
@@ -149,6 +208,30 @@ def advantages(est_fn: algos.AdvantageFn, batch: Batch, values: torch.Tensor, ga
     return torch.where(local >= 0, got, torch.zeros_like(got)), torch.zeros_like(values)
 
 
+def group_permutation(group_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random order of the trajectories in which each group's members are contiguous (groups
+    in random order, members in random order), so minibatches of a multiple of the group size
+    hold whole groups and a group's shared prompt can be encoded once. group_ids (N,) -> (N,)."""
+    order = torch.randperm(len(group_ids), generator=generator)
+    groups = torch.unique(group_ids)
+    rank = torch.empty(int(groups.max()) + 1 if len(groups) else 0, dtype=torch.long)
+    rank[groups[torch.randperm(len(groups), generator=generator)]] = torch.arange(len(groups))
+    return order[torch.argsort(rank[group_ids[order]], stable=True)]
+
+
+def group_major_order(rows: torch.Tensor, lengths: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """rows ordered group by group (the group with the longest row first), each group's rows
+    longest first: consecutive micro-batches then hold one group's rows together, at similar
+    lengths. rows (n,), lengths and groups indexed by row -> (n,)."""
+    if len(rows) == 0:
+        return rows
+    g = groups[rows]
+    longest = torch.zeros(int(g.max()) + 1, dtype=lengths.dtype).scatter_reduce(0, g, lengths[rows], "amax",
+                                                                                include_self=False)
+    key = [(-int(longest[gi]), int(gi), -int(lengths[r])) for r, gi in zip(rows.tolist(), g.tolist())]
+    return rows[torch.tensor(sorted(range(len(rows)), key=key.__getitem__), dtype=torch.long)]
+
+
 def token_counts(batch: Batch) -> dict[str, int]:
     """The batch's real tokens by role: prompt (before the first action: system prompt + first
     observation), observation (later non-action tokens), action; and the padded size (N x T)."""
@@ -163,16 +246,16 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
     """Run `fn(ids, attn, action_mask) -> n_out x (b, L)` over the trajectories `rows` and return
     n_out x (N, T) (0 on the rows not scored).
 
-    Rows go longest first in micro-batches of `chunk`, each cut to its own longest sequence (no
-    padding to the batch's T); process p takes every P-th row of that order (equal shares, similar
-    lengths) and the shares are gathered, so every process holds the same result."""
+    Rows go group by group, longest group first (`group_major_order`: a group's shared prompt
+    is encoded once per micro-batch), in micro-batches of `chunk`, each cut to its own longest
+    sequence (no padding to the batch's T); process p takes every P-th row of that order (equal
+    shares, similar lengths) and the shares are gathered, so every process holds the same result."""
     N, T = batch.input_ids.shape
     world, dev = accelerator.num_processes, accelerator.device
     outs = [torch.zeros(N, T) for _ in range(n_out)]
     if rows.numel() == 0:
         return outs
-    lengths = batch.attention_mask[rows].sum(1)
-    order = rows[torch.argsort(lengths, descending=True, stable=True)]
+    order = group_major_order(rows, batch.attention_mask.sum(1), batch.row_groups())
     if len(order) % world:  # equal shares for the gather: a few rows are scored twice
         order = torch.cat([order, order[:world - len(order) % world]])
     mine = order[accelerator.process_index::world]
