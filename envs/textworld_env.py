@@ -18,7 +18,13 @@ a message saying it is not a valid command, unless `invalid_to_engine=True`, whi
 through and returns the engine's own answer. Either way it counts as a step.
 
 Outcome: `info["score"]` is 1.0 once the quest is won, else 0.0; `reward` is 1.0 on the winning
-step and 0.0 otherwise. Only the cheap infos are requested from the engine (admissible commands,
+step and 0.0 otherwise.
+
+Progress (`info["progress"]`, the ground truth the credit-faithfulness metrics compare with;
+`plan_progress=True`, the default): 1 - |policy| / |policy at reset|, where |policy| is the length
+of TextWorld's shortest winning command list from the current state (its `policy_commands`), so
+each quest step done adds 1/|walkthrough| and undoing one (taking back what was put) takes it
+away; 1 once won, 0 once lost. Only the cheap infos are requested from the engine (admissible commands,
 won/lost/score, objective, walkthrough); description/inventory would cost two extra engine
 commands per step and the feedback already says what the agent needs.
 """
@@ -155,6 +161,7 @@ class TextWorldEnv:
         cache_dir: root of the game cache (default `$XDG_CACHE_HOME/spa-rl/textworld`, i.e.
             `~/.cache/spa-rl/textworld`); games live in `<cache_dir>/<config-hash>/`.
         max_steps: the episode ends (truncated, score 0) after this many actions.
+        plan_progress: report `info["progress"]` from the remaining winning plan (module docstring).
         show_admissible: append the admissible commands to every observation.
         invalid_to_engine: send non-admissible commands to the engine instead of answering them
             with a "not a valid command" message.
@@ -165,7 +172,7 @@ class TextWorldEnv:
                  num_test_games: int = 10, quest_length: int = 3, world_size: int = 4,
                  nb_objects: int = 6, seed: int = 0, cache_dir: str | None = None,
                  max_steps: int = 30, show_admissible: bool = True,
-                 invalid_to_engine: bool = False, progress: bool = True):
+                 invalid_to_engine: bool = False, progress: bool = True, plan_progress: bool = True):
         counts = {"train": num_train_games, "dev": num_dev_games, "test": num_test_games}
         for name, value, low in [("num_train_games", num_train_games, 1),
                                  ("num_dev_games", num_dev_games, 0),
@@ -176,6 +183,10 @@ class TextWorldEnv:
                 raise EnvError(f"env.{name}={value!r}: must be an integer >= {low}")
         self._tw = _import_textworld()
         self.max_steps = max_steps
+        self.plan_progress = plan_progress
+        self._plan: list[str] | None = None  # the engine's shortest winning commands from now
+        self._plan0 = 1  # their number at reset
+        self._lost = False
         self.show_admissible = show_admissible
         self.invalid_to_engine = invalid_to_engine
         root = Path(cache_dir) if cache_dir else (
@@ -290,16 +301,32 @@ class TextWorldEnv:
         commands = state["admissible_commands"] or []
         self._admissible = {normalize_command(c): c for c in commands}
         self._won = bool(state["won"])
+        self._lost = bool(state["lost"])
+        self._plan = state.get("policy_commands")
+        if self._steps == 0:  # at reset (step() counts before absorbing)
+            self._plan0 = max(1, len(self._plan or []))
+
+    def _plan_fraction(self) -> float:
+        """1 - |policy| / |policy at reset|: the share of the winning plan done; 1 won, 0 lost."""
+        if self._won:
+            return 1.0
+        if self._lost or self._plan is None:
+            return 0.0
+        return min(1.0, max(0.0, 1.0 - len(self._plan) / self._plan0))
 
     def _info(self, valid: bool, lost: bool = False, truncated: bool = False) -> dict[str, Any]:
-        return {"valid": valid, "won": self._won, "lost": lost, "truncated": truncated,
+        info = {"valid": valid, "won": self._won, "lost": lost, "truncated": truncated,
                 "score": 1.0 if self._won else 0.0, "steps": self._steps,
                 "admissible": [] if self._done else list(self._admissible.values())}
+        if self.plan_progress:
+            info["progress"] = self._plan_fraction()
+        return info
 
     def _env_infos(self):
         """What the engine reports each step (a subclass may ask for more)."""
         return self._tw.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
-                                 max_score=True, objective=True, extras=["walkthrough"])
+                                 max_score=True, objective=True, extras=["walkthrough"],
+                                 policy_commands=self.plan_progress)
 
     def reset(self, task: str) -> tuple[str, dict[str, Any]]:
         path = self.cache_dir / f"{self._game(task)['seed']}.z8"

@@ -115,6 +115,8 @@ class TwChallengeEnv(TextWorldEnv):
         import textworld.challenges  # noqa: PLC0415, F401  (registers the challenges)
 
         self.max_steps, self.show_admissible, self.invalid_to_engine = max_steps, show_admissible, invalid_to_engine
+        # progress comes from _progress (score or plan), the plan tracked by TextWorldEnv._absorb
+        self.plan_progress, self._plan, self._plan0, self._lost = False, None, 1, False
         root = Path(cache_dir) if cache_dir else (
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spa-rl" / "twchallenge")
         key = json.dumps([_FORMAT_VERSION, challenge, self.settings, challenge_splits, self._tw.__version__])
@@ -167,22 +169,14 @@ class TwChallengeEnv(TextWorldEnv):
     def _absorb(self, state) -> None:
         super()._absorb(state)
         self._points, self._max_points = state["score"] or 0, max(1, state["max_score"] or 1)
-        self._plan = state["policy_commands"]
-        self._lost = bool(state["lost"])
-        if self._steps == 0:  # at reset (step() counts before absorbing)
-            self._plan0 = max(1, len(self._plan or []))
 
     def _progress(self) -> float:
-        if self._won:
-            return 1.0
         signal = self.progress_signal
         if signal == "auto":
             signal = "score" if self._max_points > 1 else "plan"
-        if signal == "score":
+        if signal == "score" and not self._won:
             return min(1.0, max(0.0, self._points / self._max_points))
-        if self._lost or self._plan is None:
-            return 0.0
-        return min(1.0, max(0.0, 1.0 - len(self._plan) / self._plan0))
+        return self._plan_fraction()
 
     def _info(self, valid: bool, lost: bool = False, truncated: bool = False) -> dict[str, Any]:
         info = super()._info(valid, lost=lost, truncated=truncated)

@@ -243,3 +243,30 @@ def test_seed_the_generator_rejects_is_skipped_and_remembered(tmp_path, monkeypa
     assert e.game_info("train-0000")["seed"] == game_seed(0, "train", 1)
     again = make_env("textworld", cache_dir=str(tmp_path), **opts)
     assert again.num_generated == 0 and len(calls) == 2
+
+
+@pytest.mark.slow
+def test_plan_progress_follows_the_walkthrough_and_detours(env):
+    """info["progress"] = share of the winning plan done: 1/3, 2/3, 1 along a 3-command
+    walkthrough; a command that does not shorten the plan leaves it where it was or lowers it."""
+    for task in env.tasks("train"):
+        env.reset(task)
+        walk = env.expert_actions(task)
+        seen = []
+        for a in walk:
+            _, _, done, info = env.step(a)
+            seen.append(info["progress"])
+        assert seen == pytest.approx([(k + 1) / len(walk) for k in range(len(walk))]) and done and info["won"]
+    task = env.tasks("train")[0]
+    env.reset(task)
+    obs, _, _, info = env.step(env.expert_actions(task)[0])
+    assert info["progress"] == pytest.approx(1 / 3)
+    # a detour: any admissible command off the plan
+    off = next(c for c in info["admissible"] if normalize_command(c) != normalize_command(env.expert_actions(task)[1])
+               and not c.startswith(("examine", "look", "inventory")))
+    _, _, _, info = env.step(off)
+    assert info["progress"] <= 1 / 3 + 1e-9
+    off_env = make_env("textworld", cache_dir=env.cache_dir.parent, **{**SMALL, "plan_progress": False})
+    off_env.reset(task)
+    assert "progress" not in off_env.step(env.expert_actions(task)[0])[3]
+    off_env.close()
