@@ -9,8 +9,11 @@ engine on keydoor, and reads the breakdown that every RL iteration logs: rollout
 each phase start); prompt/observation/action token counts. FLOP/s per phase are model FLOPs
 against the machine's measured fp32 matmul peak (`train_throughput.matmul_peak_flops`):
   rollout  2 N (prompt + observation + action tokens)     (KV cache reused: each token fed once)
-  score    2 N (passes) x tokens                          (passes: old and/or reference forward)
-  update   6 N x tokens x ppo_epochs                      (forward 2N + backward 4N, the MFU convention)
+  score    2 N x tokens run                               (old and/or reference forwards)
+  update   6 N x tokens run                               (forward 2N + backward 4N, the MFU convention)
+where "tokens run" are the decoder tokens the phase really computed (`score_tokens_run`,
+`update_tokens_run`: a group's shared prompt prefix is encoded once, so fewer than the batch's
+real tokens times the passes); the work saved that way shows in the seconds, not in the FLOP/s.
 with N the backbone's non-embedding parameters (the LM head runs at action positions only), so
 the numbers are approximate and comparable between runs, not exact hardware counts.
 """
@@ -133,8 +136,8 @@ def main(argv=None) -> None:
         real = r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"]
         passes = r.get("score_sequences", 2 * args.tasks * args.group) / (args.tasks * args.group)
         flops = {"rollout": 2 * n_params * real + 2 * head * r["action_tokens"],
-                 "score": passes * (2 * n_params * real + 2 * head * r["action_tokens"]),
-                 "update": args.epochs * 6 * (n_params * real + head * r["action_tokens"])}
+                 "score": 2 * n_params * r["score_tokens_run"] + passes * 2 * head * r["action_tokens"],
+                 "update": 6 * n_params * r["update_tokens_run"] + args.epochs * 6 * head * r["action_tokens"]}
         gfs = {p: flops[p] / max(r[f"{p}_time"], 1e-9) / 1e9 for p in flops}
         total = sum(r[f"{p}_time"] for p in PHASES)
         print(f"{r['step']:>3} {len(range(args.tasks * args.group)):>8} {r['steps']:>6.2f} {r['prompt_tokens']:>7} "

@@ -34,6 +34,9 @@ VARIANTS = {
                        "progress.patience=3"]),
     "state": ("", [], ["progress.read_at=state"]),
     "t1observation": ("t1base", ["explore.temperature=1.0"], ["progress.read_at=observation"]),
+    # hotter explorations step onto the key and walk on more often: a potential can then tell
+    # standing on the key from holding it (at 0.5 the explorer always took it right away)
+    "t1state": ("t1base", ["explore.temperature=1.0"], ["progress.read_at=state"]),
 }
 
 

@@ -383,6 +383,9 @@ def test_token_budget_pieces_give_the_same_update(warm_model, tok, tmp_path, mon
     a, b = rows_whole[0], rows_split[0]
     for key in ("policy_loss", "kl_loss", "entropy", "approx_kl", "grad_norm"):
         assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    # one-row pieces share nothing; whole micro-batches run the groups' common prompt once
+    real = b["prompt_tokens"] + b["observation_tokens"] + b["action_tokens"]
+    assert b["update_tokens_run"] == real and a["update_tokens_run"] < real - b["prompt_tokens"] / 2
 
 
 def test_separate_critic_reads_its_own_backbone(warm_model, tok):

@@ -26,38 +26,66 @@ def _cache_kw(module: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
-def decoder_hidden(decoder: nn.Module, input_ids, attention_mask, positions) -> torch.Tensor:
-    """The decoder's last hidden states (B, T, H) for right-padded rows.
+@dataclass
+class PrefixPlan:
+    """How a micro-batch's rows share their prompt prefixes (see `decoder_hidden`)."""
 
-    Rows whose tokens before their first scored position are equal (the G rollouts of a task
-    share the system prompt and first observation, and no action token lies in them) run that
-    prefix once: the decoder encodes each distinct prefix, its KV is copied to the rows that share
-    it, and each row feeds only the rest of its tokens, at their own positions. Hidden states and
-    their gradients equal the full forward's up to float rounding (tested); with activation
-    checkpointing (which drops the KV cache) or no shared prefix, it is the full forward.
-    """
-    B, T = input_ids.shape
+    first: list[int]  # (B,) each row's first scored position = its prefix length
+    rest: list[int]  # (B,) real tokens after the prefix
+    row_of: list[int]  # (B,) index of the row's distinct prefix
+    prefixes: list[tuple]  # (U,) the distinct prefixes' token ids
+
+    @property
+    def saved_tokens(self) -> int:
+        """Prefix tokens not run again: sum of the rows' prefixes minus the distinct ones."""
+        return sum(self.first) - sum(len(p) for p in self.prefixes)
+
+
+def prefix_plan(input_ids, attention_mask, positions) -> PrefixPlan | None:
+    """The rows' shared prefixes (tokens before each row's first scored position), or None when
+    no two rows share one, a row has no prefix or no row has tokens after it."""
+    B = input_ids.shape[0]
     scored = positions.bool()
     lengths = attention_mask.sum(1)
     first = torch.where(scored.any(1), scored.float().argmax(1), lengths).tolist()
     distinct: dict[tuple, int] = {}
     row_of = [distinct.setdefault(tuple(input_ids[i, : first[i]].tolist()), len(distinct)) for i in range(B)]
     rest = [int(lengths[i]) - first[i] for i in range(B)]
-    if len(distinct) == B or min(first) < 1 or max(rest) < 1 or getattr(decoder, "gradient_checkpointing", False):
+    if len(distinct) == B or min(first) < 1 or max(rest) < 1:
+        return None
+    return PrefixPlan(first, rest, row_of, list(distinct))
+
+
+def decoder_hidden(decoder: nn.Module, input_ids, attention_mask, positions) -> torch.Tensor:
+    """The decoder's last hidden states (B, T, H) for right-padded rows.
+
+    Rows whose tokens before their first scored position are equal (the G rollouts of a task
+    share the system prompt and first observation, and no action token lies in them) run that
+    prefix once (`prefix_plan`): the decoder encodes each distinct prefix, its KV is copied to the
+    rows that share it, and each row feeds only the rest of its tokens, at their own positions.
+    Hidden states and their gradients equal the full forward's up to float rounding (tested);
+    with activation checkpointing (which drops the KV cache) or no shared prefix, it is the full
+    forward.
+    """
+    B, T = input_ids.shape
+    plan = None if getattr(decoder, "gradient_checkpointing", False) else prefix_plan(input_ids, attention_mask,
+                                                                                      positions)
+    if plan is None:
         return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     from transformers import DynamicCache
 
     dev = input_ids.device
+    first, rest = plan.first, plan.rest
     P, S = max(first), max(rest)
-    pre_ids = torch.zeros(len(distinct), P, dtype=input_ids.dtype, device=dev)
-    pre_mask = torch.zeros(len(distinct), P, dtype=attention_mask.dtype, device=dev)
-    for prefix, u in distinct.items():
+    pre_ids = torch.zeros(len(plan.prefixes), P, dtype=input_ids.dtype, device=dev)
+    pre_mask = torch.zeros(len(plan.prefixes), P, dtype=attention_mask.dtype, device=dev)
+    for u, prefix in enumerate(plan.prefixes):
         pre_ids[u, : len(prefix)] = torch.tensor(prefix, dtype=input_ids.dtype)
         pre_mask[u, : len(prefix)] = 1
     cache = DynamicCache()
     kw = _cache_kw(decoder)
     pre = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True, **{kw: cache}).last_hidden_state
-    rows = torch.tensor(row_of, device=dev)
+    rows = torch.tensor(plan.row_of, device=dev)
     cache.batch_select_indices(rows)  # indexing: gradients flow back to the shared prefix
     suf_ids = torch.zeros(B, S, dtype=input_ids.dtype, device=dev)
     suf_mask = torch.zeros(B, S, dtype=attention_mask.dtype, device=dev)
@@ -242,7 +270,8 @@ def token_counts(batch: Batch) -> dict[str, int]:
 
 
 @torch.no_grad()
-def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int) -> list[torch.Tensor]:
+def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int,
+               stats: dict | None = None) -> list[torch.Tensor]:
     """Run `fn(ids, attn, action_mask) -> n_out x (b, L)` over the trajectories `rows` and return
     n_out x (N, T) (0 on the rows not scored).
 
@@ -263,7 +292,12 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
     for s in range(0, len(mine), chunk):
         idx = mine[s:s + chunk]
         L = max(int(batch.attention_mask[idx].sum(1).max()), 2)
-        res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
+        ids, attn, positions = (x[idx, :L] for x in (batch.input_ids, batch.attention_mask, batch.action_mask))
+        if stats is not None:
+            plan = prefix_plan(ids, attn, positions)
+            stats["tokens"] = stats.get("tokens", 0) + int(attn.sum())
+            stats["saved"] = stats.get("saved", 0) + (plan.saved_tokens if plan else 0)
+        res = fn(ids.to(dev), attn.to(dev), positions.to(dev))
         for g, r in zip(got, res):
             g[s:s + len(idx), :L] = r.float().cpu()
     ranked = torch.cat([order[r::world] for r in range(world)])
@@ -273,7 +307,7 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
 
 
 def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool,
-           temperature: float = 1.0, old_rows: torch.Tensor | None = None):
+           temperature: float = 1.0, old_rows: torch.Tensor | None = None, stats: dict | None = None):
     """Old log-probs and values of the trajectories `old_rows` (default: all), reference log-probs
     of all (when `want_ref`), all at the sampling temperature and at action tokens only.
     -> 3 x (N, T), 0 where not computed."""
@@ -293,8 +327,9 @@ def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values:
                     return model(ids, attn, positions, temperature, with_values=False)[:1]
             return lm_logprobs(ref_policy, ids, attn, positions, temperature)[:1]
 
-    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2)
-    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1)
+    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2, stats)
+    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1,
+                           stats)
     return old_logp, old_values, ref_logp
 
 
