@@ -1,0 +1,63 @@
+"""Does an RL run's memory stay flat? Peak resident memory per iteration, from the run's own log.
+
+    python -m rl.train recipes/quickstart.yaml name=qs_rss stages=[rl] rl.iterations=50 \
+        rl.keep_best=false rl.eval_every=0 resume=false     # in a run dir whose sft/explore/progress exist
+    python benchmarks/rss_over_iterations.py runs/qs_rss
+
+Every RL iteration logs the peak RSS of each phase (`<phase>_peak_rss_gib`: Linux VmHWM, reset at
+the phase start), so the largest of them is the iteration's peak. Prints one row per iteration
+and, on the last line, the spread after a warm-up (`--after`, default 5): (max - min) / min of the
+iteration peaks, which should stay within 10% if nothing accumulates across iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+PHASES = ("rollout", "credit", "score", "update")
+
+
+def iteration_peaks(metrics_path: Path) -> list[tuple[int, dict[str, float]]]:
+    """[(iteration, {phase: peak GiB})] of the rl stage, the last record of each iteration kept."""
+    rows: dict[int, dict[str, float]] = {}
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") != "rl" or "rollout_peak_rss_gib" not in rec:
+            continue
+        rows[int(rec["step"])] = {p: float(rec[f"{p}_peak_rss_gib"]) for p in PHASES if f"{p}_peak_rss_gib" in rec}
+    return sorted(rows.items())
+
+
+def spread(peaks: list[float]) -> float:
+    """(max - min) / min; nan for none."""
+    return (max(peaks) - min(peaks)) / min(peaks) if peaks else float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--after", type=int, default=5, help="iterations of warm-up left out of the spread")
+    args = ap.parse_args(argv)
+    path = Path(args.run_dir) / "metrics.jsonl"
+    if not path.exists():
+        print(f"error: {path} does not exist", file=sys.stderr)
+        return 2
+    rows = iteration_peaks(path)
+    if not rows:
+        print(f"error: {path} has no rl iterations with per-phase peak RSS", file=sys.stderr)
+        return 2
+    print(f"{'it':>4} " + " ".join(f"{p + ' GiB':>12}" for p in PHASES) + f" {'peak GiB':>9}")
+    for it, ph in rows:
+        print(f"{it:>4} " + " ".join(f"{ph.get(p, float('nan')):>12.3f}" for p in PHASES) + f" {max(ph.values()):>9.3f}")
+    late = [max(ph.values()) for it, ph in rows if it > args.after]
+    print(f"iterations {rows[0][0]}-{rows[-1][0]}: peak RSS after iteration {args.after} "
+          f"{min(late, default=float('nan')):.3f}-{max(late, default=float('nan')):.3f} GiB, "
+          f"spread {spread(late):.1%} (goal: within 10%)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

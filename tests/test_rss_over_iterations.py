@@ -1,0 +1,26 @@
+"""benchmarks/rss_over_iterations.py on a hand-made metrics.jsonl (numbers checked by hand)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("rss_over_iterations", ROOT / "benchmarks" / "rss_over_iterations.py")
+rss = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(rss)
+
+
+def test_iteration_peaks_and_spread(tmp_path, capsys):
+    recs = [{"stage": "sft", "step": 1, "loss": 1.0}]
+    for it, (roll, upd) in enumerate([(1.0, 2.0), (1.1, 2.5), (1.2, 2.4), (1.0, 2.6)], start=1):
+        recs.append({"stage": "rl", "step": it, "rollout_peak_rss_gib": roll, "credit_peak_rss_gib": 0.5,
+                     "score_peak_rss_gib": 1.5, "update_peak_rss_gib": upd})
+    recs.append({"stage": "eval", "step": 4, "eval/success_rate": 0.5})
+    recs.append({"stage": "rl", "step": 4, "selected_iteration": 0})  # a log line without phases
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    rows = rss.iteration_peaks(tmp_path / "metrics.jsonl")
+    assert [it for it, _ in rows] == [1, 2, 3, 4] and rows[1][1]["update"] == 2.5
+    assert rss.main([str(tmp_path), "--after", "1"]) == 0
+    # after iteration 1 the peaks are 2.5, 2.4, 2.6: (2.6 - 2.4) / 2.4 = 8.3%
+    assert "2.400-2.600 GiB, spread 8.3%" in capsys.readouterr().out
+    assert rss.main([str(tmp_path / "missing")]) == 2
