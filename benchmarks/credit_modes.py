@@ -185,6 +185,23 @@ def _fmt(m: float, lo: float, hi: float, scale: float = 100.0, signed: bool = Fa
     return f"{f.format(scale * m)} [{f.format(scale * lo)}, {f.format(scale * hi)}]"
 
 
+def per_seed(data: dict, seeds: list[int], modes: list[str]) -> str:
+    """Markdown: each seed's held-out success (%) at the start (SFT) and per mode, and its
+    estimator's Spearman, so a mean can be read against the seeds it averages; `-` = not finished."""
+    cells = data["cells"]
+    lines = ["| seed | sft | " + " | ".join(modes) + " | Spearman (ceiling) |",
+             "|---|---|" + "---|" * len(modes) + "---|"]
+    for s in seeds:
+        sft = next((cells[(s, m)]["sft"] for m in modes if (s, m) in cells and cells[(s, m)]["sft"] is not None), None)
+        row = [f"{100 * sft:.0f}" if sft is not None else "-"]
+        row += [f"{100 * cells[(s, m)]['success']:.0f}" if (s, m) in cells else "-" for m in modes]
+        b = data["base"].get(s)
+        rho = (f"{b['spearman']:.2f} ({b['spearman_max']:.2f})"
+               if b and b["spearman"] is not None and b["spearman_max"] is not None else "-")
+        lines.append(f"| {s} | " + " | ".join(row) + f" | {rho} |")
+    return "\n".join(lines) + "\n"
+
+
 def table(data: dict, seeds: list[int], modes: list[str]) -> str:
     """Markdown: success per mode, paired differences to terminal, estimator faithfulness."""
     cells = data["cells"]
@@ -205,6 +222,7 @@ def table(data: dict, seeds: list[int], modes: list[str]) -> str:
                  if (s, m) in cells and (s, "terminal") in cells]
         if diffs:
             lines.append(f"| {m} - terminal | {_fmt(*mean_ci(diffs), signed=True)} |")
+    lines += ["", per_seed(data, seeds, modes)]
     base = [data["base"][s] for s in seeds if s in data["base"] and data["base"][s]["spearman"] is not None]
     if base:
         lines += ["", "| estimator (progress stage, validation split) | mean (95% CI) over seeds |", "|---|---|"]

@@ -32,6 +32,11 @@ def test_mean_ci_and_paired_rows_by_hand():
     # differences +10 and +20 points: mean 15, half-width t_{0.975,1} * 7.07 / sqrt(2) = 63.5
     assert "| spa - terminal | +15.0 [-48.5, +78.5] |" in text
     assert "| terminal | 2 | 55.0 [-8.5, 118.5] | 11 |" in text
+    # per seed: SFT start, each mode, the estimator's Spearman (none measured here); seed 2 not run
+    data["base"][1] = {"wall_s": 5, "spearman": 0.25, "spearman_max": 0.5, "top_step_hit": 1.0}
+    rows = bench.per_seed(data, [0, 1, 2], ["terminal", "spa"]).splitlines()
+    assert rows[0] == "| seed | sft | terminal | spa | Spearman (ceiling) |"
+    assert rows[2:] == ["| 0 | 40 | 50 | 60 | - |", "| 1 | 50 | 60 | 80 | 0.25 (0.50) |", "| 2 | - | - | - | - |"]
 
 
 @pytest.mark.slow
