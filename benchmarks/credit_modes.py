@@ -222,7 +222,7 @@ def table(data: dict, seeds: list[int], modes: list[str]) -> str:
                  if (s, m) in cells and (s, "terminal") in cells]
         if diffs:
             lines.append(f"| {m} - terminal | {_fmt(*mean_ci(diffs), signed=True)} |")
-    lines += ["", per_seed(data, seeds, modes)]
+    lines += ["", per_seed(data, seeds, modes).rstrip("\n")]
     base = [data["base"][s] for s in seeds if s in data["base"] and data["base"][s]["spearman"] is not None]
     if base:
         lines += ["", "| estimator (progress stage, validation split) | mean (95% CI) over seeds |", "|---|---|"]
