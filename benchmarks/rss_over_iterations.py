@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"iterations {rows[0][0]}-{rows[-1][0]}: peak RSS after iteration {args.after} "
           f"{min(late, default=float('nan')):.3f}-{max(late, default=float('nan')):.3f} GiB, "
           f"spread {spread(late):.1%} (goal: within 10%)")
+    # a spread can come from batches of different lengths; growth shows as a rising mean
+    k = max(1, len(late) // 4)
+    if len(late) >= 2 * k:
+        first, last = sum(late[:k]) / k, sum(late[-k:]) / k
+        print(f"trend: mean peak of the first {k} iterations after warm-up {first:.3f} GiB, "
+              f"of the last {k} {last:.3f} GiB ({last / first - 1:+.1%})")
     return 0
 
 

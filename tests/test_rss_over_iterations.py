@@ -22,5 +22,8 @@ def test_iteration_peaks_and_spread(tmp_path, capsys):
     assert [it for it, _ in rows] == [1, 2, 3, 4] and rows[1][1]["update"] == 2.5
     assert rss.main([str(tmp_path), "--after", "1"]) == 0
     # after iteration 1 the peaks are 2.5, 2.4, 2.6: (2.6 - 2.4) / 2.4 = 8.3%
-    assert "2.400-2.600 GiB, spread 8.3%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2.400-2.600 GiB, spread 8.3%" in out
+    # k = max(1, 3 // 4) = 1: first 2.5, last 2.6, +4.0%
+    assert "first 1 iterations after warm-up 2.500 GiB, of the last 1 2.600 GiB (+4.0%)" in out
     assert rss.main([str(tmp_path / "missing")]) == 2
