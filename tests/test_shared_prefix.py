@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rl.models import ModelConfig, load_model, tiny_model
-from rl.trainers.scoring import PolicyWithValue, build_batch, decoder_hidden
+from rl.trainers.scoring import PolicyWithValue, build_batch, count_decoder_tokens, decoder_hidden
 from rl.trajectory import Step, Trajectory
 
 SYSTEM = "Find the key. Reply with one action."
@@ -81,13 +81,26 @@ def test_the_prefix_runs_once_per_group(tok):
     decoder = tiny_model(tok, hidden=32, layers=2, heads=2, seed=1).get_decoder()
     fed = []
     hook = decoder.register_forward_pre_hook(lambda m, a, kw: fed.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    with torch.no_grad():
+    with torch.no_grad(), count_decoder_tokens() as run:
         got = decoder_hidden(decoder, b.input_ids, b.attention_mask, b.action_mask)
     hook.remove()
     first = b.action_mask.float().argmax(1)
     lengths = b.attention_mask.sum(1)
     # one pass over the 3 distinct prefixes, one over the 6 rows' remaining tokens
     assert fed == [(3, int(first.max())), (6, int((lengths - first).max()))]
+    # the tokens counted are those run: each distinct prefix once, every row's rest
+    prefixes = {tuple(b.input_ids[i, : first[i]].tolist()) for i in range(len(trajs))}
+    assert run[0] == sum(map(len, prefixes)) + int((lengths - first).sum()) < int(lengths.sum())
+    one = torch.tensor([0, 2, 5])  # the first row of each group (2, 3 and 1 rows): nothing shared
+    assert len({tuple(b.input_ids[i, : first[i]].tolist()) for i in one.tolist()}) == 3
+    with torch.no_grad(), count_decoder_tokens() as alone:
+        decoder_hidden(decoder, b.input_ids[one], b.attention_mask[one], b.action_mask[one])
+    assert alone[0] == int(lengths[one].sum())
+    decoder.gradient_checkpointing = True  # no KV cache under checkpointing: the full forward, counted so
+    with torch.no_grad(), count_decoder_tokens() as full:
+        decoder_hidden(decoder, b.input_ids, b.attention_mask, b.action_mask)
+    decoder.gradient_checkpointing = False
+    assert full[0] == int(lengths.sum())
     with torch.no_grad():
         want = full_hidden(decoder, b.input_ids, b.attention_mask)
     real = b.attention_mask.bool()

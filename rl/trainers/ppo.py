@@ -52,8 +52,8 @@ from torch import nn
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rl.phases import peak_rss_gib, phase, reset_peak_rss
-from rl.trainers.scoring import (Batch, PolicyWithValue, advantages, build_batch, group_major_order,  # noqa: F401
-                                 group_permutation, lm_logprobs, prefix_plan, token_counts)
+from rl.trainers.scoring import (Batch, PolicyWithValue, advantages, build_batch, count_decoder_tokens,  # noqa: F401
+                                 group_major_order, group_permutation, lm_logprobs, token_counts)
 from rl.trainers.scoring import has_dropout as _has_dropout
 from rl.trainers.scoring import score as _score
 
@@ -290,11 +290,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                  for e in range(cfg.ppo_epochs)]
         first_mb = perms[0][:cfg.minibatch_size] if not (cfg.uses_critic or dropout) else torch.arange(0)
         old_rows = batch.rows_of(torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long))
-        with phase("score", timing):
-            score_stats: dict[str, int] = {}
+        with phase("score", timing), count_decoder_tokens() as score_run:
             old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
-                                                    cfg.uses_critic, cfg.kl_coef > 0, temperature, old_rows,
-                                                    stats=score_stats)
+                                                    cfg.uses_critic, cfg.kl_coef > 0, temperature, old_rows)
             mask = batch.action_mask
             adv, returns = advantages(est_fn, batch, old_values, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages and cfg.uses_critic:
@@ -305,9 +303,6 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         t2, c2 = time.perf_counter(), time.process_time()
         model.train()
         sums = torch.zeros(9, device=accelerator.device)  # token-weighted stat sums, see names below
-        lm = accelerator.unwrap_model(model).policy
-        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-        shares = not getattr(lm.get_decoder(), "gradient_checkpointing", False)  # see scoring.decoder_hidden
         grad_norms = []
         lengths = batch.attention_mask.sum(1)
         for epoch, perm in enumerate(perms):
@@ -329,7 +324,8 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                             length = max(int(lengths[idx].max()), 2)
                             take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
                             ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)
-                            logp, ent, values = model(ids, attn, m, temperature)
+                            with count_decoder_tokens() as run:  # shared prompt prefixes run once
+                                logp, ent, values = model(ids, attn, m, temperature)
                             if fill_old:
                                 old_logp[idx, :length] = logp.detach().float().cpu()
                             pl, clip_frac, approx_kl = algos.ppo_policy_loss(logp, take(old_logp), take(adv), m,
@@ -346,11 +342,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                             accelerator.backward(loss)
                             ntok = m.sum().float()
                             # pl, vl, kl are shares of the minibatch mean: scale back to token sums
-                            plan = prefix_plan(ids, attn, m) if shares else None
                             sums += torch.stack([pl.detach() * norm, vl.detach() * norm, kl.detach() * norm,
                                                  (ent * m).sum().detach(), clip_frac * ntok, approx_kl * ntok, ntok,
-                                                 attn.sum().float(),
-                                                 torch.tensor(float(plan.saved_tokens if plan else 0), device=ntok.device)])
+                                                 attn.sum().float(), torch.tensor(float(run[0]), device=ntok.device)])
                         if accelerator.sync_gradients:
                             gn = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                             if gn is not None:  # DeepSpeed clips inside its step and returns None
@@ -377,10 +371,9 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
             "tokens_per_s": s[7] / max(update_time, 1e-9), **token_counts(batch), **timing,
             "score_sequences": len(old_rows) + (len(mask) if cfg.kl_coef > 0 else 0),  # sequences through a forward
             # decoder tokens actually run (real tokens minus the shared prompt prefixes encoded once)
-            "score_tokens_run": int(accelerator.reduce(torch.tensor(
-                float(score_stats.get("tokens", 0) - score_stats.get("saved", 0)), device=accelerator.device),
-                reduction="sum")),
-            "update_tokens_run": s[7] - s[8],
+            "score_tokens_run": int(accelerator.reduce(torch.tensor(float(score_run[0]), device=accelerator.device),
+                                                       reduction="sum")),
+            "update_tokens_run": s[8],
         }
         if cfg.uses_critic:
             metrics["explained_var"] = algos.explained_variance(old_values, returns, mask)

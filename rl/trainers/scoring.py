@@ -10,6 +10,7 @@ forward's memory is set by the micro-batch's hidden states, not the vocabulary.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,11 +36,6 @@ class PrefixPlan:
     row_of: list[int]  # (B,) index of the row's distinct prefix
     prefixes: list[tuple]  # (U,) the distinct prefixes' token ids
 
-    @property
-    def saved_tokens(self) -> int:
-        """Prefix tokens not run again: sum of the rows' prefixes minus the distinct ones."""
-        return sum(self.first) - sum(len(p) for p in self.prefixes)
-
 
 def prefix_plan(input_ids, attention_mask, positions) -> PrefixPlan | None:
     """The rows' shared prefixes (tokens before each row's first scored position), or None when
@@ -54,6 +50,26 @@ def prefix_plan(input_ids, attention_mask, positions) -> PrefixPlan | None:
     if len(distinct) == B or min(first) < 1 or max(rest) < 1:
         return None
     return PrefixPlan(first, rest, row_of, list(distinct))
+
+
+_TOKEN_COUNTERS: list[list[int]] = []
+
+
+@contextmanager
+def count_decoder_tokens():
+    """Count the decoder tokens `decoder_hidden` really runs inside the block (a shared prefix
+    once, the full forward's real tokens otherwise); yields a one-element list holding the sum."""
+    counter = [0]
+    _TOKEN_COUNTERS.append(counter)
+    try:
+        yield counter
+    finally:
+        _TOKEN_COUNTERS.remove(counter)
+
+
+def _count(n: int) -> None:
+    for counter in _TOKEN_COUNTERS:
+        counter[0] += n
 
 
 def decoder_hidden(decoder: nn.Module, input_ids, attention_mask, positions) -> torch.Tensor:
@@ -71,7 +87,9 @@ def decoder_hidden(decoder: nn.Module, input_ids, attention_mask, positions) -> 
     plan = None if getattr(decoder, "gradient_checkpointing", False) else prefix_plan(input_ids, attention_mask,
                                                                                       positions)
     if plan is None:
+        _count(int(attention_mask.sum()))
         return decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    _count(sum(len(p) for p in plan.prefixes) + sum(plan.rest))
     from transformers import DynamicCache
 
     dev = input_ids.device
@@ -270,8 +288,7 @@ def token_counts(batch: Batch) -> dict[str, int]:
 
 
 @torch.no_grad()
-def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int,
-               stats: dict | None = None) -> list[torch.Tensor]:
+def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int) -> list[torch.Tensor]:
     """Run `fn(ids, attn, action_mask) -> n_out x (b, L)` over the trajectories `rows` and return
     n_out x (N, T) (0 on the rows not scored).
 
@@ -292,12 +309,7 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
     for s in range(0, len(mine), chunk):
         idx = mine[s:s + chunk]
         L = max(int(batch.attention_mask[idx].sum(1).max()), 2)
-        ids, attn, positions = (x[idx, :L] for x in (batch.input_ids, batch.attention_mask, batch.action_mask))
-        if stats is not None:
-            plan = prefix_plan(ids, attn, positions)
-            stats["tokens"] = stats.get("tokens", 0) + int(attn.sum())
-            stats["saved"] = stats.get("saved", 0) + (plan.saved_tokens if plan else 0)
-        res = fn(ids.to(dev), attn.to(dev), positions.to(dev))
+        res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
         for g, r in zip(got, res):
             g[s:s + len(idx), :L] = r.float().cpu()
     ranked = torch.cat([order[r::world] for r in range(world)])
@@ -307,7 +319,7 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
 
 
 def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool,
-           temperature: float = 1.0, old_rows: torch.Tensor | None = None, stats: dict | None = None):
+           temperature: float = 1.0, old_rows: torch.Tensor | None = None):
     """Old log-probs and values of the trajectories `old_rows` (default: all), reference log-probs
     of all (when `want_ref`), all at the sampling temperature and at action tokens only.
     -> 3 x (N, T), 0 where not computed."""
@@ -327,9 +339,8 @@ def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values:
                     return model(ids, attn, positions, temperature, with_values=False)[:1]
             return lm_logprobs(ref_policy, ids, attn, positions, temperature)[:1]
 
-    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2, stats)
-    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1,
-                           stats)
+    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2)
+    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1)
     return old_logp, old_values, ref_logp
 
 
