@@ -106,7 +106,12 @@ def main(argv=None) -> None:
     ap.add_argument("--group", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--from-output", metavar="FILE",
+                    help="print the summary line of a saved run's output (its table) instead of running")
     args = ap.parse_args(argv)
+    if args.from_output:
+        print(summary(parse_table(Path(args.from_output).read_text())))
+        return
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
     print(f"{args.model} + LoRA, {args.episodes} episodes of H turns, {args.max_new_tokens} new tokens per reply; "
@@ -114,15 +119,44 @@ def main(argv=None) -> None:
     print(f"{'H':>4} {'history':>8} {'max prompt':>10} {'trained tok':>11} | "
           + " ".join(f"{p + ' s':>9}" for p in PHASES) + " | " + " ".join(f"{p + ' cpu':>11}" for p in PHASES)
           + f" | {'peak GiB':>8}")
+    lines = []
     for turns in args.turns:
         for history in (0, args.history):
             r = one(args, args.model, turns, history, tok)
             n = args.episodes
             tokens = r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"]
-            print(f"{turns:>4} {history or 'all':>8} {r['max_prompt']:>10} {tokens / n:>11.0f} | "
-                  + " ".join(f"{r[p + '_time'] / n:>9.2f}" for p in PHASES) + " | "
-                  + " ".join(f"{r[p + '_cpu_time'] / n:>11.2f}" for p in PHASES)
-                  + f" | {max(r[p + '_peak_rss_gib'] for p in PHASES):>8.2f}", flush=True)
+            lines.append(f"{turns:>4} {history or 'all':>8} {r['max_prompt']:>10} {tokens / n:>11.0f} | "
+                         + " ".join(f"{r[p + '_time'] / n:>9.2f}" for p in PHASES) + " | "
+                         + " ".join(f"{r[p + '_cpu_time'] / n:>11.2f}" for p in PHASES)
+                         + f" | {max(r[p + '_peak_rss_gib'] for p in PHASES):>8.2f}")
+            print(lines[-1], flush=True)
+    print(summary(parse_table("\n".join(lines))))
+
+
+def parse_table(text: str) -> dict[str, dict[int, float]]:
+    """The printed rows -> {history: {H: CPU seconds per episode (rollout + score + update)}}."""
+    out: dict[str, dict[int, float]] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        head = parts[0].split()
+        if len(parts) != 4 or len(head) != 4 or not head[0].isdigit():
+            continue
+        out.setdefault(head[1], {})[int(head[0])] = sum(float(x) for x in parts[2].split())
+    return out
+
+
+def summary(table: dict[str, dict[int, float]]) -> str:
+    """Longest vs shortest horizon's CPU cost per episode, per history setting (the issue's goal:
+    <= 4.5x from 10 to 40 turns with the window)."""
+    parts = []
+    for history, cost in table.items():
+        lo, hi = min(cost), max(cost)
+        name = "whole history" if history == "all" else f"history_turns {history}"
+        parts.append(f"{name} {cost[hi] / cost[lo]:.2f}x")
+    if not parts:
+        raise ValueError("no table rows found")
+    lo, hi = min(next(iter(table.values()))), max(next(iter(table.values())))
+    return f"CPU cost per episode, {hi} vs {lo} turns: " + ", ".join(parts)
 
 
 if __name__ == "__main__":
