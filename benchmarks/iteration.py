@@ -10,12 +10,22 @@ each phase start); prompt/observation/action token counts. FLOP/s per phase are 
 against the machine's measured fp32 matmul peak (`train_throughput.matmul_peak_flops`):
   rollout  2 N (prompt + observation + action tokens)     (KV cache reused: each token fed once)
   score    2 N x tokens run                               (old and/or reference forwards)
-  update   6 N x tokens run                               (forward 2N + backward 4N, the MFU convention)
+  update   4 N x tokens run with LoRA, 6 N without        (forward 2N + backward: the input gradient 2N,
+                                                          plus the weight gradient 2N only when the base
+                                                          weights train; a frozen weight gets none)
 where "tokens run" are the decoder tokens the phase really computed (`score_tokens_run`,
 `update_tokens_run`: a group's shared prompt prefix is encoded once, so fewer than the batch's
 real tokens times the passes); the work saved that way shows in the seconds, not in the FLOP/s.
-with N the backbone's non-embedding parameters (the LM head runs at action positions only), so
-the numbers are approximate and comparable between runs, not exact hardware counts.
+with N the backbone's non-embedding parameters (the LM head runs at action positions only: 2 V H
+per pass, 4 V H in a LoRA update where the tied head is frozen, 6 V H otherwise; its recompute in
+backward is not counted, as MFU does not count recomputation), so the numbers are approximate and
+comparable between runs, not exact hardware counts. LoRA's own matmuls (rank r) are not counted.
+
+Hardware-independent, the script also prints the update in *forward passes per token*: the
+update's seconds per token over the score phase's (a no-grad forward on the same tokens). The
+floor is 2 with LoRA (forward + input gradient) and 3 without; above it is overhead (LoRA's
+skinny matmuls and elementwise ops, the LM head's recompute, autograd). From it: the (score +
+update) / rollout ratio the loop would have if the update ran at that floor.
 """
 
 from __future__ import annotations
@@ -69,6 +79,31 @@ def parse_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--matmul-n", type=int, default=1024)
     return ap.parse_args(argv)
+
+
+def phase_flops(row: dict, n_params: int, head: int, lora: bool, epochs: int, episodes: int) -> dict[str, float]:
+    """Model FLOPs of one iteration's rollout, score and update from its metrics row (the
+    module docstring has the formulas); `head` = V x H of the LM head."""
+    real = row["prompt_tokens"] + row["observation_tokens"] + row["action_tokens"]
+    passes = row.get("score_sequences", 2 * episodes) / episodes  # forwards per trajectory in score
+    per_token = 4 if lora else 6
+    return {"rollout": 2 * n_params * real + 2 * head * row["action_tokens"],
+            "score": 2 * n_params * row["score_tokens_run"] + passes * 2 * head * row["action_tokens"],
+            "update": per_token * (n_params * row["update_tokens_run"] + epochs * head * row["action_tokens"])}
+
+
+def forward_equivalents(row: dict, lora: bool) -> dict[str, float] | None:
+    """The update's cost in no-grad forward passes per token, measured against the score phase
+    of the same iteration (None when nothing was scored), its floor (2 with LoRA: forward + input
+    gradient; 3 when the weights train too), and the (score + update) / rollout ratio the
+    iteration would have if the update ran at that floor."""
+    if not row.get("score_tokens_run") or not row.get("update_tokens_run") or row["score_time"] <= 0:
+        return None
+    fwd = row["score_time"] / row["score_tokens_run"]  # seconds per token of one forward
+    floor = 2.0 if lora else 3.0
+    return {"update_passes": row["update_time"] / (fwd * row["update_tokens_run"]), "floor": floor,
+            "ratio_at_floor": (row["score_time"] + floor * fwd * row["update_tokens_run"])
+            / max(row["rollout_time"], 1e-9)}
 
 
 def env_options(text: str) -> dict:
@@ -133,11 +168,8 @@ def main(argv=None) -> None:
           + " ".join(f"{p + ' GiB':>11}" for p in PHASES) + " | " + " ".join(f"{p + ' GF/s':>11}" for p in
                                                                             ("rollout", "score", "update")))
     for r in rows:
-        real = r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"]
-        passes = r.get("score_sequences", 2 * args.tasks * args.group) / (args.tasks * args.group)
-        flops = {"rollout": 2 * n_params * real + 2 * head * r["action_tokens"],
-                 "score": 2 * n_params * r["score_tokens_run"] + passes * 2 * head * r["action_tokens"],
-                 "update": 6 * n_params * r["update_tokens_run"] + args.epochs * 6 * head * r["action_tokens"]}
+        flops = phase_flops(r, n_params, head, lora=not args.no_lora, epochs=args.epochs,
+                            episodes=args.tasks * args.group)
         gfs = {p: flops[p] / max(r[f"{p}_time"], 1e-9) / 1e9 for p in flops}
         total = sum(r[f"{p}_time"] for p in PHASES)
         print(f"{r['step']:>3} {len(range(args.tasks * args.group)):>8} {r['steps']:>6.2f} {r['prompt_tokens']:>7} "
@@ -154,6 +186,11 @@ def main(argv=None) -> None:
     print(f"last iteration: {sum(last[p + '_time'] for p in PHASES):.1f} s wall, {sum(cpu.values()):.1f} s CPU; "
           f"(score + update) / rollout = {ratio:.2f} wall, {cpu_ratio:.2f} CPU; "
           f"max phase peak RSS {max(last[p + '_peak_rss_gib'] for p in PHASES):.2f} GiB")
+    fe = forward_equivalents(last, lora=not args.no_lora)
+    if fe is not None:
+        print(f"update: {fe['update_passes']:.2f} forward passes per token (floor {fe['floor']:.0f}: forward + "
+              f"{'input gradient' if not args.no_lora else 'input and weight gradients'}); at the floor, "
+              f"(score + update) / rollout would be {fe['ratio_at_floor']:.2f}")
 
 
 if __name__ == "__main__":
