@@ -99,8 +99,8 @@ def _with_temperature(rollout_cfg, temperature: float):
 
 def run_progress(ctx) -> dict:
     cfg = ctx.cfg
-    from rl.credit import annotate_progress, fit_progress_estimator, step_rewards
-    from rl.credit.plot import credit_heatmap
+    from rl.credit import annotate_progress, fit_progress_estimator
+    from rl.credit.plot import credit_heatmap, heatmap_credits
 
     set_seed(cfg.seed + 2)
     trajs = load_trajectories(_require(ctx.run_dir / "explore" / "trajectories", "progress", "explore"))
@@ -128,12 +128,7 @@ def run_progress(ctx) -> dict:
     sample = list(by_task.values())[:8]
     annotate_progress(estimator, tokenizer, sample, max_length=cfg.progress.max_length)
     if ctx.accelerator.is_main_process:
-        from rl.credit.faithfulness import trajectory_increments
-
-        credits = {m: step_rewards(sample, replace(cfg.credit, mode=m)) for m in ("terminal", "spa", "mc")}
-        truth = [trajectory_increments(t) for t in sample]
-        if all(d is not None for d in truth):  # the env's true progress increments, to compare by eye
-            credits["true Δprogress"] = [d.tolist() for d in truth]
+        credits = heatmap_credits(sample, cfg.credit)
         plots = ctx.run_dir / "plots"
         plots.mkdir(parents=True, exist_ok=True)
         credit_heatmap(sorted(sample, key=lambda t: -t.outcome), {

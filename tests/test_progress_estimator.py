@@ -168,6 +168,25 @@ def test_heatmap_writes_png(tok, tmp_path):
         credit_heatmap(trajs, {"bad": [[0.0, 0.0], [0.0, 0.0]]}, tmp_path / "x.png")
 
 
+def test_heatmap_rows_skip_undiscounted_mc_and_add_true_progress():
+    from rl.credit.plot import heatmap_credits
+
+    trajs = [make_traj(0, ["go north", "take key", "open door"], 1.0)]
+    trajs[0].annotations["progress"] = [0.1, 0.4, 0.5]
+    for step, p in zip(trajs[0].steps, (0.0, 0.5, 1.0)):
+        step.info["progress"] = p
+    rows = heatmap_credits(trajs, CreditConfig())
+    assert list(rows) == ["terminal", "spa", "true Δprogress"]  # gamma 1: no mc row
+    assert rows["terminal"] == [[0.0, 0.0, 1.0]]
+    assert rows["true Δprogress"] == [[0.0, 0.5, 0.5]]
+    rows = heatmap_credits(trajs, CreditConfig(gamma=0.5))
+    # mc at gamma 0.5: G_t = 0.5^(T-t) R -> 0.25, 0.5, 1
+    assert rows["mc (γ=0.5)"] == [pytest.approx([0.25, 0.5, 1.0])]
+    for step in trajs[0].steps:  # an env without true progress: no truth row
+        step.info.pop("progress")
+    assert "true Δprogress" not in heatmap_credits(trajs, CreditConfig())
+
+
 # ---------------------------------------------------------------------------------------------
 # Learning test against ground truth. KeyDoor's outcome is the final progress (0.5 holding the key,
 # 1 once the door is open), so R is exactly the sum of the true increments: `take key` +0.5,

@@ -13,6 +13,25 @@ def _label(action: str, width: int = 18) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def heatmap_credits(trajs: Sequence[Trajectory], credit_cfg) -> dict[str, list[list[float]]]:
+    """The heat-map's rows: terminal and SPA credit (trajectories annotated with progress), `mc`
+    only when `credit_cfg.gamma` < 1 (undiscounted it is R at every step, terminal's return-to-go,
+    which tells a reader nothing), and the env's true progress increments when every trajectory
+    has them."""
+    from dataclasses import replace
+
+    from rl.credit.faithfulness import trajectory_increments
+    from rl.credit.modes import step_rewards
+
+    rows = {m: step_rewards(trajs, replace(credit_cfg, mode=m)) for m in ("terminal", "spa")}
+    if credit_cfg.gamma < 1:
+        rows[f"mc (γ={credit_cfg.gamma:g})"] = step_rewards(trajs, replace(credit_cfg, mode="mc"))
+    truth = [trajectory_increments(t) for t in trajs]
+    if truth and all(d is not None for d in truth):
+        rows["true Δprogress"] = [d.tolist() for d in truth]
+    return rows
+
+
 def credit_heatmap(trajs: Sequence[Trajectory], credits_by_mode: dict[str, list[list[float]]], path: str | Path,
                    max_trajs: int = 4) -> Path:
     """Write a PNG with one panel per trajectory (the first `max_trajs`): actions along x, credit
