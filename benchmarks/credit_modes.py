@@ -202,6 +202,13 @@ def per_seed(data: dict, seeds: list[int], modes: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_differences(modes: list[str]) -> list[tuple[str, str]]:
+    """The (a, b) pairs the table reports a - b for: every mode against terminal, and the issue's
+    two other questions, SPA against GiGPO and the online estimator against the offline one."""
+    pairs = [(m, "terminal") for m in modes if m != "terminal"]
+    return pairs + [(a, b) for a, b in (("spa", "gigpo"), ("spa-online", "spa")) if a in modes and b in modes]
+
+
 def table(data: dict, seeds: list[int], modes: list[str]) -> str:
     """Markdown: success per mode, paired differences to terminal, estimator faithfulness."""
     cells = data["cells"]
@@ -215,13 +222,10 @@ def table(data: dict, seeds: list[int], modes: list[str]) -> str:
             lines.append(f"| {m} | {len(vals)} | {_fmt(*mean_ci([v['success'] for v in vals]))} | "
                          f"{np.mean([v['wall_s'] for v in vals]):.0f} |")
     lines += ["", "| paired difference (same seed) | points of success (95% CI) |", "|---|---|"]
-    for m in modes:
-        if m == "terminal":
-            continue
-        diffs = [cells[(s, m)]["success"] - cells[(s, "terminal")]["success"] for s in seeds
-                 if (s, m) in cells and (s, "terminal") in cells]
+    for a, b in paired_differences(modes):
+        diffs = [cells[(s, a)]["success"] - cells[(s, b)]["success"] for s in seeds if (s, a) in cells and (s, b) in cells]
         if diffs:
-            lines.append(f"| {m} - terminal | {_fmt(*mean_ci(diffs), signed=True)} |")
+            lines.append(f"| {a} - {b} | {_fmt(*mean_ci(diffs), signed=True)} (n={len(diffs)}) |")
     lines += ["", per_seed(data, seeds, modes).rstrip("\n")]
     base = [data["base"][s] for s in seeds if s in data["base"] and data["base"][s]["spearman"] is not None]
     if base:

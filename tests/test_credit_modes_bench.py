@@ -30,8 +30,16 @@ def test_mean_ci_and_paired_rows_by_hand():
                                   (1, "spa"): {"success": 0.8, "sft": 0.5, "wall_s": 13, "online_spearman": None}}}
     text = bench.table(data, [0, 1], ["terminal", "spa"])
     # differences +10 and +20 points: mean 15, half-width t_{0.975,1} * 7.07 / sqrt(2) = 63.5
-    assert "| spa - terminal | +15.0 [-48.5, +78.5] |" in text
+    assert "| spa - terminal | +15.0 [-48.5, +78.5] (n=2) |" in text
     assert "| terminal | 2 | 55.0 [-8.5, 118.5] | 11 |" in text
+    # SPA against GiGPO, on the seeds both finished (seed 1 has no gigpo cell): one difference, no CI
+    data["cells"][(0, "gigpo")] = {"success": 0.65, "sft": 0.4, "wall_s": 9, "online_spearman": None}
+    text = bench.table(data, [0, 1], ["terminal", "spa", "gigpo"])
+    assert "| gigpo - terminal | +15.0 (n=1) |" in text
+    assert "| spa - gigpo | -5.0 (n=1) |" in text
+    assert bench.paired_differences(["terminal", "spa", "spa-online", "gigpo"]) == [
+        ("spa", "terminal"), ("spa-online", "terminal"), ("gigpo", "terminal"), ("spa", "gigpo"), ("spa-online", "spa")]
+    del data["cells"][(0, "gigpo")]
     # per seed: SFT start, each mode, the estimator's Spearman (none measured here); seed 2 not run
     data["base"][1] = {"wall_s": 5, "spearman": 0.25, "spearman_max": 0.5, "top_step_hit": 1.0}
     rows = bench.per_seed(data, [0, 1, 2], ["terminal", "spa"]).splitlines()
