@@ -174,7 +174,8 @@ def collect(runs: Path, seeds: list[int], modes: list[str]) -> dict:
             out["cells"][(s, m)] = {"success": results["rl"]["eval/success_rate"],
                                     "sft": results.get("sft", {}).get("eval/success_rate"),
                                     "wall_s": json.loads((d / "cell.json").read_text())["wall_s"],
-                                    "online_spearman": _last(d, "progress_online/spearman_true")}
+                                    "online_spearman": _last(d, "progress_online/spearman_true"),
+                                    "online_spearman_max": _last(d, "progress_online/spearman_true_max")}
     return out
 
 
@@ -189,8 +190,10 @@ def per_seed(data: dict, seeds: list[int], modes: list[str]) -> str:
     """Markdown: each seed's held-out success (%) at the start (SFT) and per mode, and its
     estimator's Spearman, so a mean can be read against the seeds it averages; `-` = not finished."""
     cells = data["cells"]
-    lines = ["| seed | sft | " + " | ".join(modes) + " | Spearman (ceiling) |",
-             "|---|---|" + "---|" * len(modes) + "---|"]
+    online = any(cells.get((s, "spa-online"), {}).get("online_spearman") is not None for s in seeds)
+    lines = ["| seed | sft | " + " | ".join(modes) + " | Spearman (ceiling) |"
+             + (" spa-online, last RL batch |" if online else ""),
+             "|---|---|" + "---|" * len(modes) + "---|" + ("---|" if online else "")]
     for s in seeds:
         sft = next((cells[(s, m)]["sft"] for m in modes if (s, m) in cells and cells[(s, m)]["sft"] is not None), None)
         row = [f"{100 * sft:.0f}" if sft is not None else "-"]
@@ -198,6 +201,10 @@ def per_seed(data: dict, seeds: list[int], modes: list[str]) -> str:
         b = data["base"].get(s)
         rho = (f"{b['spearman']:.2f} ({b['spearman_max']:.2f})"
                if b and b["spearman"] is not None and b["spearman_max"] is not None else "-")
+        if online:
+            c = cells.get((s, "spa-online"), {})
+            rho += (f" | {c['online_spearman']:.2f} ({c['online_spearman_max']:.2f})"
+                    if c.get("online_spearman") is not None and c.get("online_spearman_max") is not None else " | -")
         lines.append(f"| {s} | " + " | ".join(row) + f" | {rho} |")
     return "\n".join(lines) + "\n"
 

@@ -45,6 +45,12 @@ def test_mean_ci_and_paired_rows_by_hand():
     rows = bench.per_seed(data, [0, 1, 2], ["terminal", "spa"]).splitlines()
     assert rows[0] == "| seed | sft | terminal | spa | Spearman (ceiling) |"
     assert rows[2:] == ["| 0 | 40 | 50 | 60 | - |", "| 1 | 50 | 60 | 80 | 0.25 (0.50) |", "| 2 | - | - | - | - |"]
+    # the online estimator's Spearman on its last RL batch, per seed, when spa-online ran
+    data["cells"][(1, "spa-online")] = {"success": 0.7, "sft": 0.5, "wall_s": 14, "online_spearman": 0.4,
+                                        "online_spearman_max": 0.45}
+    rows = bench.per_seed(data, [0, 1], ["terminal", "spa", "spa-online"]).splitlines()
+    assert rows[0].endswith("| Spearman (ceiling) | spa-online, last RL batch |")
+    assert rows[2:] == ["| 0 | 40 | 50 | 60 | - | - | - |", "| 1 | 50 | 60 | 80 | 70 | 0.25 (0.50) | 0.40 (0.45) |"]
 
 
 @pytest.mark.slow
