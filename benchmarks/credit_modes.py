@@ -217,7 +217,7 @@ def paired_differences(modes: list[str]) -> list[tuple[str, str]]:
 
 
 def table(data: dict, seeds: list[int], modes: list[str]) -> str:
-    """Markdown: success per mode, paired differences to terminal, estimator faithfulness."""
+    """Markdown: success per mode, paired differences (`paired_differences`), estimator faithfulness."""
     cells = data["cells"]
     lines = ["| mode | seeds | held-out success, % (95% CI) | wall time per cell, s |", "|---|---|---|---|"]
     sft = [cells[(s, m)]["sft"] for s in seeds for m in modes[:1] if (s, m) in cells and cells[(s, m)]["sft"] is not None]

@@ -110,7 +110,13 @@ def main(argv=None) -> None:
                     help="print the summary line of a saved run's output (its table) instead of running")
     args = ap.parse_args(argv)
     if args.from_output:
-        print(summary(parse_table(Path(args.from_output).read_text())))
+        path = Path(args.from_output)
+        if not path.is_file():
+            ap.error(f"--from-output {path}: no such file (give a saved horizon.py output)")
+        table = parse_table(path.read_text())
+        if not table:
+            ap.error(f"--from-output {path}: no table rows in it (is it horizon.py's output?)")
+        print(summary(table))
         return
     torch.set_num_threads(args.threads)
     tok = load_tokenizer(args.model)
@@ -148,14 +154,11 @@ def parse_table(text: str) -> dict[str, dict[int, float]]:
 def summary(table: dict[str, dict[int, float]]) -> str:
     """Longest vs shortest horizon's CPU cost per episode, per history setting (the issue's goal:
     <= 4.5x from 10 to 40 turns with the window)."""
-    parts = []
-    for history, cost in table.items():
-        lo, hi = min(cost), max(cost)
-        name = "whole history" if history == "all" else f"history_turns {history}"
-        parts.append(f"{name} {cost[hi] / cost[lo]:.2f}x")
-    if not parts:
+    if not table:
         raise ValueError("no table rows found")
-    lo, hi = min(next(iter(table.values()))), max(next(iter(table.values())))
+    lo, hi = min(min(c) for c in table.values()), max(max(c) for c in table.values())
+    parts = [f"{'whole history' if h == 'all' else f'history_turns {h}'} {cost[hi] / cost[lo]:.2f}x"
+             for h, cost in table.items() if lo in cost and hi in cost]
     return f"CPU cost per episode, {hi} vs {lo} turns: " + ", ".join(parts)
 
 

@@ -32,3 +32,16 @@ def test_summary_ratio_per_history():
 def test_summary_needs_rows():
     with pytest.raises(ValueError):
         hz.summary(hz.parse_table("no table here"))
+
+
+def test_from_output_errors_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        hz.main(["--from-output", str(tmp_path / "missing.txt")])
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "other.txt").write_text("some other output\n")
+    with pytest.raises(SystemExit):
+        hz.main(["--from-output", str(tmp_path / "other.txt")])
+    assert "no table rows" in capsys.readouterr().err
+    (tmp_path / "t.txt").write_text(TABLE)
+    hz.main(["--from-output", str(tmp_path / "t.txt")])
+    assert capsys.readouterr().out.strip() == "CPU cost per episode, 40 vs 10 turns: whole history 4.00x, history_turns 4 3.50x"

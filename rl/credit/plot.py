@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
+from rl.credit.faithfulness import trajectory_increments
+from rl.credit.modes import CreditConfig, step_rewards
 from rl.trajectory import Trajectory
 
 
@@ -13,16 +16,11 @@ def _label(action: str, width: int = 18) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def heatmap_credits(trajs: Sequence[Trajectory], credit_cfg) -> dict[str, list[list[float]]]:
+def heatmap_credits(trajs: Sequence[Trajectory], credit_cfg: CreditConfig) -> dict[str, list[list[float]]]:
     """The heat-map's rows: terminal and SPA credit (trajectories annotated with progress), `mc`
     only when `credit_cfg.gamma` < 1 (undiscounted it is R at every step, terminal's return-to-go,
     which tells a reader nothing), and the env's true progress increments when every trajectory
     has them."""
-    from dataclasses import replace
-
-    from rl.credit.faithfulness import trajectory_increments
-    from rl.credit.modes import step_rewards
-
     rows = {m: step_rewards(trajs, replace(credit_cfg, mode=m)) for m in ("terminal", "spa")}
     if credit_cfg.gamma < 1:
         rows[f"mc (γ={credit_cfg.gamma:g})"] = step_rewards(trajs, replace(credit_cfg, mode="mc"))
