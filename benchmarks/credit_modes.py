@@ -23,6 +23,7 @@ Modes (every cell gets the same rl.iterations, tasks, group size and epochs):
     spa         credit.mode=spa                            estimator fit once before RL
     spa-online  credit.mode=spa progress.refit_every=K     refit on RL's own rollouts every K its
     mc          credit.mode=terminal rl.gamma=0.9          Monte-Carlo returns G_t = 0.9^(T-t) R
+    spa-mc      credit.mode=spa rl.gamma=0.9               SPA's dense rewards, returns discounted as mc's
     gigpo       credit.mode=gigpo rl.algo=gigpo            step groups over shared states
     ppo-critic  credit.mode=terminal rl.algo=ppo           a learnt critic (GAE) on the outcome
 """
@@ -46,6 +47,8 @@ MODES = {
     "spa": ["credit.mode=spa"],
     "spa-online": ["credit.mode=spa", "progress.refit_every=2"],
     "mc": ["credit.mode=terminal", "rl.gamma=0.9"],  # Monte-Carlo returns 0.9^(T-t) R (see rl.train)
+    # mc's discount on SPA's rewards: separates what the discount does from what the credit does
+    "spa-mc": ["credit.mode=spa", "rl.gamma=0.9"],
     "gigpo": ["credit.mode=gigpo", "rl.algo=gigpo"],
     "ppo-critic": ["credit.mode=terminal", "rl.algo=ppo"],
 }
@@ -211,9 +214,11 @@ def per_seed(data: dict, seeds: list[int], modes: list[str]) -> str:
 
 def paired_differences(modes: list[str]) -> list[tuple[str, str]]:
     """The (a, b) pairs the table reports a - b for: every mode against terminal, and the issue's
-    two other questions, SPA against GiGPO and the online estimator against the offline one."""
+    two other questions, SPA against GiGPO and the online estimator against the offline one, and
+    SPA's credit against plain discounting at the same discount."""
     pairs = [(m, "terminal") for m in modes if m != "terminal"]
-    return pairs + [(a, b) for a, b in (("spa", "gigpo"), ("spa-online", "spa")) if a in modes and b in modes]
+    others = (("spa", "gigpo"), ("spa-online", "spa"), ("spa-mc", "mc"))
+    return pairs + [(a, b) for a, b in others if a in modes and b in modes]
 
 
 def table(data: dict, seeds: list[int], modes: list[str]) -> str:

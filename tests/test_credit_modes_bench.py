@@ -39,6 +39,8 @@ def test_mean_ci_and_paired_rows_by_hand():
     assert "| spa - gigpo | -5.0 (n=1) |" in text
     assert bench.paired_differences(["terminal", "spa", "spa-online", "gigpo"]) == [
         ("spa", "terminal"), ("spa-online", "terminal"), ("gigpo", "terminal"), ("spa", "gigpo"), ("spa-online", "spa")]
+    assert bench.paired_differences(["terminal", "mc", "spa-mc"]) == [
+        ("mc", "terminal"), ("spa-mc", "terminal"), ("spa-mc", "mc")]
     del data["cells"][(0, "gigpo")]
     # per seed: SFT start, each mode, the estimator's Spearman (none measured here); seed 2 not run
     data["base"][1] = {"wall_s": 5, "spearman": 0.25, "spearman_max": 0.5, "top_step_hit": 1.0}
