@@ -7,6 +7,8 @@ process's lifetime peak, which `getrusage` reports). Elsewhere the lifetime peak
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import resource
 import sys
 import time
@@ -32,6 +34,28 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
+def release_memory() -> bool:
+    """Collect Python garbage and hand the C heap's free pages back to the OS (glibc
+    `malloc_trim`). Freed tensors below glibc's mmap threshold stay in the heap, fragmented, so
+    without this RSS after a long update stays at its high-water mark into the next phases and
+    their peaks read the previous phase's. Returns False where there is no malloc_trim."""
+    gc.collect()
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
 
 
 def peak_rss_gib() -> float:

@@ -17,7 +17,7 @@ from rl import algos  # noqa: E402
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 from rl.models import tiny_model  # noqa: E402
 from rl.tracking import Tracker, read_metrics  # noqa: E402
-from rl.trainers import ppo  # noqa: E402
+from rl.trainers import ppo, scoring  # noqa: E402
 from rl.trainers.ppo import PPOConfig, build_batch, train_rl  # noqa: E402
 from rl.trajectory import Step, Trajectory  # noqa: E402
 
@@ -274,10 +274,18 @@ def _varied_batch(tok):
     return build_batch(tok, trajs, [[0.0] * t.num_steps for t in trajs], 512)
 
 
-@pytest.mark.parametrize("chunk", [1, 3])
-def test_scoring_in_length_sorted_micro_batches_equals_full_logits(warm_model, tok, chunk):
+@pytest.mark.parametrize("chunk,max_tokens", [(1, 0), (3, 0), (4, 1)])
+def test_scoring_in_length_sorted_micro_batches_equals_full_logits(warm_model, tok, chunk, max_tokens, monkeypatch):
     """Old/reference log-probs and values of differently long trajectories, scored longest first
-    in micro-batches cut to their own length, equal one full-logits forward of the padded batch."""
+    in micro-batches cut to their own length (and, with a token budget, into pieces of one row
+    here), equal one full-logits forward of the padded batch."""
+    shapes = []
+    score_rows = scoring.score_rows
+
+    def spy(acc, fn, *a, **k):
+        return score_rows(acc, lambda ids, *r: shapes.append(ids.shape) or fn(ids, *r), *a, **k)
+
+    monkeypatch.setattr(scoring, "score_rows", spy)
     acc = Accelerator(cpu=True)
     model = copy.deepcopy(warm_model)
     wrapped = ppo.PolicyWithValue(model, "shared")
@@ -286,7 +294,9 @@ def test_scoring_in_length_sorted_micro_batches_equals_full_logits(warm_model, t
     wrapped = acc.prepare(wrapped)
     batch = _varied_batch(tok)
     logp, values, ref = ppo._score(acc, wrapped, copy.deepcopy(model), batch, chunk, want_values=True, want_ref=True,
-                                   temperature=0.7)
+                                   temperature=0.7, max_tokens=max_tokens)
+    rows_per_forward = [s[0] for s in shapes]
+    assert rows_per_forward == ([1] * 8 if max_tokens or chunk == 1 else [3, 1, 3, 1])
     with torch.no_grad():
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
         expected = algos.token_logprobs(out.logits / 0.7, batch.input_ids)
@@ -298,7 +308,7 @@ def test_scoring_in_length_sorted_micro_batches_equals_full_logits(warm_model, t
     assert torch.allclose(values[real], v[real], atol=1e-5)
     some = torch.tensor([1, 3])  # only these rows get old log-probs; the others stay 0
     logp2, _, _ = ppo._score(acc, wrapped, None, batch, chunk, want_values=False, want_ref=False, temperature=0.7,
-                             old_rows=some)
+                             old_rows=some, max_tokens=max_tokens)
     assert torch.equal(logp2[some], logp[some]) and not logp2[torch.tensor([0, 2])].any()
 
 
@@ -358,8 +368,14 @@ def test_token_budget_pieces_give_the_same_update(warm_model, tok, tmp_path, mon
     (Weights are compared where the gradient is not ~0: Adam's first step is about lr * sign(g),
     so on a weight with |g| ~ 1e-9 float noise flips it, and later steps carry that on.)"""
     rows, lengths = torch.tensor([3, 1, 0, 2]), torch.tensor([5, 8, 4, 10])
-    assert [p.tolist() for p in ppo._pieces(rows, lengths, 16)] == [[3], [1, 0], [2]]
-    assert [p.tolist() for p in ppo._pieces(rows, lengths, 0)] == [[3, 1, 0, 2]]
+    assert [p.tolist() for p in ppo.token_pieces(rows, lengths, 16)] == [[3], [1, 0], [2]]
+    assert [p.tolist() for p in ppo.token_pieces(rows, lengths, 0)] == [[3, 1, 0, 2]]
+    # a piece that starts on a short row (one group's last) is sized by its longest, not its first:
+    # [4, 9] would be 2 x 9 = 18 > 16 padded tokens
+    assert [p.tolist() for p in ppo.token_pieces(torch.tensor([0, 1, 2]), torch.tensor([10, 4, 9]), 16)] == [
+        [0], [1], [2]]
+    assert [p.tolist() for p in ppo.token_pieces(torch.tensor([0, 1, 2]), torch.tensor([10, 4, 9]), 18)] == [
+        [0], [1, 2]]
     grads = []
     step = torch.optim.AdamW.step
 

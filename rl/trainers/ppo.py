@@ -51,9 +51,9 @@ from torch import nn
 
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rl.phases import peak_rss_gib, phase, reset_peak_rss
+from rl.phases import peak_rss_gib, phase, release_memory, reset_peak_rss
 from rl.trainers.scoring import (Batch, PolicyWithValue, advantages, build_batch, count_decoder_tokens,  # noqa: F401
-                                 group_major_order, group_permutation, lm_logprobs, token_counts)
+                                 group_major_order, group_permutation, lm_logprobs, token_counts, token_pieces)
 from rl.trainers.scoring import has_dropout as _has_dropout
 from rl.trainers.scoring import score as _score
 
@@ -95,8 +95,9 @@ class PPOConfig:
     whiten_advantages: bool = True  # normalise GAE advantages over the batch's action tokens
     critic: str = "shared"  # "shared": value head on the policy's last hidden state; "separate": own backbone
     max_length: int = 2048  # tokens per trajectory sequence (whole steps past it are dropped)
-    # padded tokens per forward/backward in the update (0: the whole micro-batch): each micro-batch
-    # is cut into pieces of at most this size, so activation memory is bounded by it (same gradient)
+    # padded tokens per forward (rows x their longest length; 0: the whole micro-batch): the update's
+    # and the scoring's micro-batches are cut into pieces of at most this size (one row at least),
+    # so activation memory is set by it, not by the longest episode; same gradient, same log-probs
     micro_batch_tokens: int = 0
     max_grad_norm: float = 1.0  # gradient norm clip
     eval_every: int = 5  # evaluate every N iterations (0: only at the end)
@@ -175,19 +176,6 @@ class BestPolicy:
 
     def restore(self, policy: nn.Module) -> None:
         policy.load_state_dict(torch.load(self.path / "policy.pt", map_location="cpu"))
-
-
-def _pieces(rows: torch.Tensor, lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
-    """Split rows (sorted longest first) into consecutive pieces whose padded size (rows x the
-    piece's longest length) is at most `max_tokens`, at least one row each (0: one piece)."""
-    if max_tokens <= 0 or len(rows) == 0:
-        return [rows]
-    out, start = [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or (i + 1 - start) * int(lengths[rows[start]]) > max_tokens:
-            out.append(rows[start:i])
-            start = i
-    return out
 
 
 def _is_peft(model) -> bool:
@@ -275,6 +263,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         # 1-3: rollout, tokenize, credit
         timing: dict[str, float] = {}
         model.eval()
+        release_memory()  # each phase's peak is then its own, not the heap the last update left
         with phase("rollout", timing):
             batch_tasks = draw_tasks(tasks, cfg.tasks_per_iter, cfg.seed, it)
             trajs = rollout_fn(accelerator.unwrap_model(model).policy, batch_tasks, _iter_seed(cfg.seed, it))
@@ -291,8 +280,8 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
         first_mb = perms[0][:cfg.minibatch_size] if not (cfg.uses_critic or dropout) else torch.arange(0)
         old_rows = batch.rows_of(torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long))
         with phase("score", timing), count_decoder_tokens() as score_run:
-            old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro,
-                                                    cfg.uses_critic, cfg.kl_coef > 0, temperature, old_rows)
+            old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro, cfg.uses_critic,
+                                                    cfg.kl_coef > 0, temperature, old_rows, cfg.micro_batch_tokens)
             mask = batch.action_mask
             adv, returns = advantages(est_fn, batch, old_values, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages and cfg.uses_critic:
@@ -320,7 +309,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                     with accelerator.accumulate(model):
                         # pieces of at most micro_batch_tokens padded tokens: activation memory is
                         # set by that budget; their gradients add up to the micro-batch's exactly
-                        for idx in _pieces(micro_rows, lengths, cfg.micro_batch_tokens):
+                        for idx in token_pieces(micro_rows, lengths, cfg.micro_batch_tokens):
                             length = max(int(lengths[idx].max()), 2)
                             take = lambda x: x[idx, :length].to(accelerator.device)  # noqa: E731
                             ids, attn, m = take(batch.input_ids), take(batch.attention_mask), take(mask)

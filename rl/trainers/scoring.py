@@ -287,13 +287,31 @@ def token_counts(batch: Batch) -> dict[str, int]:
             "action_tokens": int(act.sum()), "padded_tokens": int(attn.numel())}
 
 
+def token_pieces(rows: torch.Tensor, lengths: torch.Tensor, max_tokens: int) -> list[torch.Tensor]:
+    """Split rows into consecutive pieces whose padded size (rows x the piece's longest length)
+    is at most `max_tokens`, at least one row each (0: one piece). The running longest counts, not
+    the first row's: in group-major order a piece can start on one group's shortest row."""
+    if max_tokens <= 0 or len(rows) == 0:
+        return [rows]
+    out, start, longest = [], 0, 0
+    for i, n in enumerate(lengths[rows].tolist()):
+        if i > start and (i + 1 - start) * max(longest, n) > max_tokens:
+            out.append(rows[start:i])
+            start, longest = i, 0
+        longest = max(longest, n)
+    out.append(rows[start:])
+    return out
+
+
 @torch.no_grad()
-def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int) -> list[torch.Tensor]:
+def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_out: int,
+               max_tokens: int = 0) -> list[torch.Tensor]:
     """Run `fn(ids, attn, action_mask) -> n_out x (b, L)` over the trajectories `rows` and return
     n_out x (N, T) (0 on the rows not scored).
 
     Rows go group by group, longest group first (`group_major_order`: a group's shared prompt
-    is encoded once per micro-batch), in micro-batches of `chunk`, each cut to its own longest
+    is encoded once per micro-batch), in micro-batches of `chunk` rows, cut further into pieces of
+    at most `max_tokens` padded tokens (`token_pieces`; 0: none), each cut to its own longest
     sequence (no padding to the batch's T); process p takes every P-th row of that order (equal
     shares, similar lengths) and the shares are gathered, so every process holds the same result."""
     N, T = batch.input_ids.shape
@@ -306,12 +324,15 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
         order = torch.cat([order, order[:world - len(order) % world]])
     mine = order[accelerator.process_index::world]
     got = [torch.zeros(len(mine), T) for _ in range(n_out)]
+    lengths = batch.attention_mask.sum(1)
     for s in range(0, len(mine), chunk):
-        idx = mine[s:s + chunk]
-        L = max(int(batch.attention_mask[idx].sum(1).max()), 2)
-        res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
-        for g, r in zip(got, res):
-            g[s:s + len(idx), :L] = r.float().cpu()
+        at = torch.arange(s, min(s + chunk, len(mine)))  # positions in `mine`
+        for piece in token_pieces(at, lengths[mine], max_tokens):
+            idx = mine[piece]
+            L = max(int(lengths[idx].max()), 2)
+            res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
+            for g, r in zip(got, res):
+                g[piece, :L] = r.float().cpu()
     ranked = torch.cat([order[r::world] for r in range(world)])
     for o, g in zip(outs, got):
         o[ranked] = accelerator.gather(g.to(dev).contiguous()).cpu()
@@ -319,9 +340,10 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
 
 
 def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values: bool, want_ref: bool,
-           temperature: float = 1.0, old_rows: torch.Tensor | None = None):
+           temperature: float = 1.0, old_rows: torch.Tensor | None = None, max_tokens: int = 0):
     """Old log-probs and values of the trajectories `old_rows` (default: all), reference log-probs
-    of all (when `want_ref`), all at the sampling temperature and at action tokens only.
+    of all (when `want_ref`), all at the sampling temperature and at action tokens only, in
+    micro-batches of `chunk` rows and at most `max_tokens` padded tokens (`score_rows`).
     -> 3 x (N, T), 0 where not computed."""
     n = batch.input_ids.shape[0]
     old_rows = torch.arange(n) if old_rows is None else old_rows
@@ -339,8 +361,9 @@ def score(accelerator, model, ref_policy, batch: Batch, chunk: int, want_values:
                     return model(ids, attn, positions, temperature, with_values=False)[:1]
             return lm_logprobs(ref_policy, ids, attn, positions, temperature)[:1]
 
-    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2)
-    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1)
+    old_logp, old_values = score_rows(accelerator, policy_fn, batch, old_rows, chunk, 2, max_tokens)
+    ref_logp, = score_rows(accelerator, ref_fn, batch, torch.arange(n) if want_ref else torch.arange(0), chunk, 1,
+                           max_tokens)
     return old_logp, old_values, ref_logp
 
 
