@@ -1,13 +1,17 @@
 """Does an RL run's memory stay flat? Peak resident memory per iteration, from the run's own log.
 
     python -m rl.train recipes/quickstart.yaml name=qs_rss stages=[rl] rl.iterations=50 \
-        rl.keep_best=false rl.eval_every=0 resume=false     # in a run dir whose sft/explore/progress exist
-    python benchmarks/rss_over_iterations.py runs/qs_rss
+        rl.keep_best=false rl.eval_every=0 resume=false rl.micro_batch_tokens=4096
+    python benchmarks/rss_over_iterations.py runs/qs_rss   # (run dir whose sft/explore/progress exist)
+
+Without the token budget a micro-batch of 16 rows is as large as its longest episodes make it,
+and the peaks follow the batch's lengths (spread 31% against 6.5% with it; results/rss_over_iterations.txt).
 
 Every RL iteration logs the peak RSS of each phase (`<phase>_peak_rss_gib`: Linux VmHWM, reset at
 the phase start), so the largest of them is the iteration's peak. Prints one row per iteration
-and, on the last line, the spread after a warm-up (`--after`, default 5): (max - min) / min of the
-iteration peaks, which should stay within 10% if nothing accumulates across iterations.
+and, after the rows, the spread after a warm-up (`--after`, default 5): (max - min) / min of the
+iteration peaks, which should stay within 10% if nothing accumulates across iterations, then
+the CPU ms per token of each phase (what a memory setting costs in work).
 """
 
 from __future__ import annotations
@@ -29,6 +33,20 @@ def iteration_peaks(metrics_path: Path) -> list[tuple[int, dict[str, float]]]:
             continue
         rows[int(rec["step"])] = {p: float(rec[f"{p}_peak_rss_gib"]) for p in PHASES if f"{p}_peak_rss_gib" in rec}
     return sorted(rows.items())
+
+
+def cpu_ms_per_token(metrics_path: Path, after: int) -> dict[str, float]:
+    """{phase: CPU ms per real token} over the rl iterations past `after`: what a memory setting
+    (e.g. rl.micro_batch_tokens) costs in work, comparable across runs of different lengths."""
+    rows: dict[int, dict] = {}
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("stage") == "rl" and "update_cpu_time" in rec and int(rec["step"]) > after:
+            rows[int(rec["step"])] = rec
+    tokens = sum(r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"] for r in rows.values())
+    if not tokens:
+        return {}
+    return {p: 1e3 * sum(r.get(f"{p}_cpu_time", 0.0) for r in rows.values()) / tokens for p in PHASES}
 
 
 def spread(peaks: list[float]) -> float:
@@ -62,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         first, last = sum(late[:k]) / k, sum(late[-k:]) / k
         print(f"trend: mean peak of the first {k} iterations after warm-up {first:.3f} GiB, "
               f"of the last {k} {last:.3f} GiB ({last / first - 1:+.1%})")
+    ms = cpu_ms_per_token(path, args.after)
+    if ms:
+        print(f"CPU ms per token after iteration {args.after}: " + ", ".join(f"{p} {v:.3f}" for p, v in ms.items()))
     return 0
 
 
