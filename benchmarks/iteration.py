@@ -58,6 +58,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--no-lora", action="store_true", help="train all weights instead of a LoRA adapter")
+    ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: model.lora_r's default)")
     ap.add_argument("--env", default="keydoor")
     ap.add_argument("--env-options", default="size=3", help="k=v,... passed to the env")
     ap.add_argument("--algo", default="grpo")
@@ -125,7 +126,10 @@ def main(argv=None) -> None:
     acc = Accelerator(cpu=not torch.cuda.is_available())
     peak = matmul_peak_flops(str(acc.device), args.matmul_n)
     tok = load_tokenizer(args.model)
-    policy = load_model(ModelConfig(name=args.model, lora=not args.no_lora, gradient_checkpointing=args.grad_ckpt), tok)
+    mcfg = ModelConfig(name=args.model, lora=not args.no_lora, gradient_checkpointing=args.grad_ckpt)
+    if args.lora_r:
+        mcfg.lora_r, mcfg.lora_alpha = args.lora_r, 2 * args.lora_r  # alpha / r = 2, as the recipes have it
+    policy = load_model(mcfg, tok)
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
     n_embed = base.get_input_embeddings().weight.numel()
     n_params = sum(p.numel() for p in base.parameters()) - n_embed  # tied head counted once, below
@@ -158,7 +162,7 @@ def main(argv=None) -> None:
     head = n_embed  # (V, H) matmul at each scored position
     print(f"device       {acc.device} ({torch.get_num_threads()} threads), matmul peak "
           f"{peak / 1e9:,.1f} GFLOP/s (fp32, n={args.matmul_n})")
-    print(f"model        {args.model}{'' if args.no_lora else ' + LoRA'}: {n_params / 1e6:.1f} M non-embedding "
+    print(f"model        {args.model}{'' if args.no_lora else f' + LoRA r={mcfg.lora_r}'}: {n_params / 1e6:.1f} M non-embedding "
           f"parameters; {args.env} {opts}, {args.tasks} tasks x {args.group}, max {args.turns} turns of "
           f"{args.max_new_tokens} tokens, {args.num_envs} envs, minibatch {args.minibatch} / grad_accum "
           f"{args.grad_accum}, {args.epochs} epoch(s), kl {args.kl}, history_turns {args.history_turns or 'all'}")
