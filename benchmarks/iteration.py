@@ -79,7 +79,10 @@ def parse_args(argv=None):
     ap.add_argument("--grad-ckpt", action="store_true", help="model.gradient_checkpointing")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--matmul-n", type=int, default=1024)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.lora_r is not None and (args.lora_r < 1 or args.no_lora):
+        ap.error(f"--lora-r {args.lora_r}: give a positive rank, and not with --no-lora")
+    return args
 
 
 def phase_flops(row: dict, n_params: int, head: int, lora: bool, epochs: int, episodes: int) -> dict[str, float]:
@@ -127,7 +130,7 @@ def main(argv=None) -> None:
     peak = matmul_peak_flops(str(acc.device), args.matmul_n)
     tok = load_tokenizer(args.model)
     mcfg = ModelConfig(name=args.model, lora=not args.no_lora, gradient_checkpointing=args.grad_ckpt)
-    if args.lora_r:
+    if args.lora_r is not None:
         mcfg.lora_r, mcfg.lora_alpha = args.lora_r, 2 * args.lora_r  # alpha / r = 2, as the recipes have it
     policy = load_model(mcfg, tok)
     base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy

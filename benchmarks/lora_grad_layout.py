@@ -6,8 +6,8 @@
 For a LoRA `B` (an nn.Linear r -> out) autograd computes the weight gradient as g^T h, an
 (out x M) @ (M x r) product over the M tokens of a micro-batch. The same numbers come out of
 (h^T g)^T, an (r x M) @ (M x out) product. The update profile of `iteration.py` showed the first
-running at a third of the speed of same-FLOP matmuls; this script times both layouts side by side
-(alternating, median of `--repeats`) for each rank, token count and output width, and prints
+running at a third of the speed of same-FLOP matmuls; this script times both layouts one after the
+other (median of `--repeats` each) for each rank, token count and output width, and prints
 autograd / transposed on each row and, last, the geometric mean per rank.
 """
 
@@ -31,9 +31,14 @@ def time_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def layouts(g: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The weight gradient (out x r) both ways: autograd's g^T h and the transposed (h^T g)^T."""
-    return g.t().mm(h), h.t().mm(g).t().contiguous()
+def autograd_layout(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """LoRA-B's weight gradient (out x r) as autograd computes it: g^T h."""
+    return g.t().mm(h)
+
+
+def transposed_layout(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """The same gradient as (h^T g)^T, made contiguous as a .grad would be."""
+    return h.t().mm(g).t().contiguous()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=21)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    if min(args.ranks + args.tokens + args.outs) < 1 or args.repeats < 1 or args.threads < 1:
+        ap.error("--ranks, --tokens, --outs, --repeats and --threads take positive integers")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{args.threads} thread(s), fp32, median of {args.repeats}")
@@ -54,10 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         for m in args.tokens:
             for out in args.outs:
                 g, h = torch.randn(m, out), torch.randn(m, r)
-                a, b = layouts(g, h)
-                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
-                ta = time_ms(lambda: g.t().mm(h), args.repeats)
-                tb = time_ms(lambda: h.t().mm(g).t().contiguous(), args.repeats)
+                torch.testing.assert_close(autograd_layout(g, h), transposed_layout(g, h), rtol=1e-4, atol=1e-3)
+                ta = time_ms(lambda: autograd_layout(g, h), args.repeats)
+                tb = time_ms(lambda: transposed_layout(g, h), args.repeats)
                 ratios[r].append(ta / tb)
                 print(f"{r:>3} {m:>5} {out:>5} {ta:>9.3f} {tb:>13.3f} {ta / tb:>5.1f}x", flush=True)
     print("autograd layout / transposed, geometric mean: " + ", ".join(

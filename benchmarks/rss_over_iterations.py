@@ -24,29 +24,35 @@ from pathlib import Path
 PHASES = ("rollout", "credit", "score", "update")
 
 
-def iteration_peaks(metrics_path: Path) -> list[tuple[int, dict[str, float]]]:
-    """[(iteration, {phase: peak GiB})] of the rl stage, the last record of each iteration kept."""
-    rows: dict[int, dict[str, float]] = {}
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("stage") != "rl" or "rollout_peak_rss_gib" not in rec:
-            continue
-        rows[int(rec["step"])] = {p: float(rec[f"{p}_peak_rss_gib"]) for p in PHASES if f"{p}_peak_rss_gib" in rec}
-    return sorted(rows.items())
-
-
-def cpu_ms_per_token(metrics_path: Path, after: int) -> dict[str, float]:
-    """{phase: CPU ms per real token} over the rl iterations past `after`: what a memory setting
-    (e.g. rl.micro_batch_tokens) costs in work, comparable across runs of different lengths."""
+def rl_iterations(metrics_path: Path) -> dict[int, dict]:
+    """{iteration: its last rl record that carries per-phase peaks}, from a run's metrics.jsonl."""
     rows: dict[int, dict] = {}
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
-        if rec.get("stage") == "rl" and "update_cpu_time" in rec and int(rec["step"]) > after:
+        if rec.get("stage") == "rl" and "rollout_peak_rss_gib" in rec:
             rows[int(rec["step"])] = rec
-    tokens = sum(r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"] for r in rows.values())
+    return rows
+
+
+def peaks(records: dict[int, dict]) -> list[tuple[int, dict[str, float]]]:
+    """[(iteration, {phase: peak GiB})] of `rl_iterations` records, in iteration order."""
+    return sorted((it, {p: float(rec[f"{p}_peak_rss_gib"]) for p in PHASES if f"{p}_peak_rss_gib" in rec})
+                  for it, rec in records.items())
+
+
+def iteration_peaks(metrics_path: Path) -> list[tuple[int, dict[str, float]]]:
+    """[(iteration, {phase: peak GiB})] of the rl stage, the last record of each iteration kept."""
+    return peaks(rl_iterations(metrics_path))
+
+
+def cpu_ms_per_token(records: dict[int, dict], after: int) -> dict[str, float]:
+    """{phase: CPU ms per real token} over the iterations past `after` (`rl_iterations`): what a
+    memory setting (e.g. rl.micro_batch_tokens) costs in work, comparable across runs."""
+    rows = [r for it, r in records.items() if it > after and "update_cpu_time" in r]
+    tokens = sum(r["prompt_tokens"] + r["observation_tokens"] + r["action_tokens"] for r in rows)
     if not tokens:
         return {}
-    return {p: 1e3 * sum(r.get(f"{p}_cpu_time", 0.0) for r in rows.values()) / tokens for p in PHASES}
+    return {p: 1e3 * sum(r.get(f"{p}_cpu_time", 0.0) for r in rows) / tokens for p in PHASES}
 
 
 def spread(peaks: list[float]) -> float:
@@ -63,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if not path.exists():
         print(f"error: {path} does not exist", file=sys.stderr)
         return 2
-    rows = iteration_peaks(path)
+    records = rl_iterations(path)
+    rows = peaks(records)
     if not rows:
         print(f"error: {path} has no rl iterations with per-phase peak RSS", file=sys.stderr)
         return 2
@@ -80,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         first, last = sum(late[:k]) / k, sum(late[-k:]) / k
         print(f"trend: mean peak of the first {k} iterations after warm-up {first:.3f} GiB, "
               f"of the last {k} {last:.3f} GiB ({last / first - 1:+.1%})")
-    ms = cpu_ms_per_token(path, args.after)
+    ms = cpu_ms_per_token(records, args.after)
     if ms:
         print(f"CPU ms per token after iteration {args.after}: " + ", ".join(f"{p} {v:.3f}" for p, v in ms.items()))
     return 0

@@ -319,15 +319,16 @@ def score_rows(accelerator, fn, batch: Batch, rows: torch.Tensor, chunk: int, n_
     outs = [torch.zeros(N, T) for _ in range(n_out)]
     if rows.numel() == 0:
         return outs
-    order = group_major_order(rows, batch.attention_mask.sum(1), batch.row_groups())
+    lengths = batch.attention_mask.sum(1)
+    order = group_major_order(rows, lengths, batch.row_groups())
     if len(order) % world:  # equal shares for the gather: a few rows are scored twice
         order = torch.cat([order, order[:world - len(order) % world]])
     mine = order[accelerator.process_index::world]
     got = [torch.zeros(len(mine), T) for _ in range(n_out)]
-    lengths = batch.attention_mask.sum(1)
+    mine_lengths = lengths[mine]
     for s in range(0, len(mine), chunk):
         at = torch.arange(s, min(s + chunk, len(mine)))  # positions in `mine`
-        for piece in token_pieces(at, lengths[mine], max_tokens):
+        for piece in token_pieces(at, mine_lengths, max_tokens):
             idx = mine[piece]
             L = max(int(lengths[idx].max()), 2)
             res = fn(*(x[idx, :L].to(dev) for x in (batch.input_ids, batch.attention_mask, batch.action_mask)))
