@@ -205,7 +205,7 @@ UNREPRODUCIBLE = {"mendelian-genetics-known-plant": 8, "mendelian-genetics-unkno
 
 def _replay_first_train_variations(names):
     """Replay the gold path of each task's first train variation through the wrapper on one JVM;
-    per task: (task, won, refused actions)."""
+    per task: (task, won, refused actions, how the replay ended: steps, score, last 3 steps)."""
     env = make_env("scienceworld", task_names=names, max_variations_per_task=None, max_steps=400)
     try:
         first = {}
@@ -215,14 +215,16 @@ def _replay_first_train_variations(names):
         for task in first.values():
             expert = env.expert_actions(task)
             env.reset(task)
-            refused, done, info = [], False, {}
+            refused, done, info, steps = [], False, {}, []
             for action in expert:
                 obs, _, done, info = env.step(action)
+                steps.append((action, obs[:80]))
                 if not info["valid"]:
                     refused.append((action, obs[:60]))
                 if done:
                     break
-            results.append((task, done and info["won"], refused))
+            ending = {"steps": f"{len(steps)} of {len(expert)}", "score": info.get("raw_score"), "last": steps[-3:]}
+            results.append((task, done and info["won"], refused, ending))
         return results
     finally:
         env.close()
@@ -239,9 +241,12 @@ def test_gold_path_of_every_task_wins_with_every_action_valid():
     assert all(any(n.startswith("mendelian") for n in half) for half in halves)
     with ThreadPoolExecutor(2) as pool:
         results = [r for part in pool.map(_replay_first_train_variations, halves) for r in part]
-    assert sorted(split_task_id(t)[0] for t, _, _ in results) == names
-    assert [t for t, won, _ in results if not won] == []
-    refused = {t: r for t, _, r in results if r}
+    assert sorted(split_task_id(t)[0] for t, *_ in results) == names
+    # how a lost replay ended goes into the failure message: one lost on a loaded machine
+    # (power-component-renewable-vs-nonrenewable-energy, once) did not recur in 75 replays on 66 loads
+    # of that task alone, nor in 3 replays of this half, all beside two training runs
+    assert {t: ending for t, won, _, ending in results if not won} == {}
+    refused = {t: r for t, _, r, _ in results if r}
     for task, actions in list(refused.items()):
         if len(actions) <= UNREPRODUCIBLE.get(split_task_id(task)[0], 0):
             del refused[task]
