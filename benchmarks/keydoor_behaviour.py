@@ -24,19 +24,16 @@ tried on an episode's very last step counts as no door tried (its answer is not 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]
 
+import credit_modes  # noqa: E402  (its mean_ci and CI formatting, so both tables read alike)
 from rl.trajectory import Trajectory, load_trajectories  # noqa: E402
-
-_spec = importlib.util.spec_from_file_location("credit_modes", Path(__file__).with_name("credit_modes.py"))
-credit_modes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(credit_modes)
 
 KINDS = ("no key", "first door", "no door tried", "jammed, recovered", "jammed, stuck")
 JAMMED = "does not open: it is jammed"  # keydoor's answer to the first try of a door that does not open
@@ -67,9 +64,10 @@ def jammed_retries(traj: Trajectory) -> int:
 
 def behaviour(trajs: list[Trajectory]) -> dict[str, float]:
     """Shares of KINDS, recovery rate, retries per jammed episode, mean steps of a won episode."""
-    kinds = Counter(episode_kind(t) for t in trajs)
+    kind = [episode_kind(t) for t in trajs]
+    kinds = Counter(kind)
     n = max(len(trajs), 1)
-    jammed = [t for t in trajs if episode_kind(t).startswith("jammed")]
+    jammed = [t for t, k in zip(trajs, kind) if k.startswith("jammed")]
     won = [t.num_steps for t in trajs if t.success]
     out = {k: kinds[k] / n for k in KINDS}
     out["success"] = sum(bool(t.success) for t in trajs) / n
@@ -104,7 +102,7 @@ def table(data: dict, seeds: list[int], modes: list[str]) -> str:
     for m in ["sft", *modes]:
         rows = [data[(s, m)] for s in seeds if (s, m) in data]
         if rows:
-            means = [credit_modes.mean_ci([r[c] for r in rows if r[c] == r[c]])[0] for c in COLUMNS]
+            means = [statistics.fmean([r[c] for r in rows if r[c] == r[c]] or [float("nan")]) for c in COLUMNS]
             lines.append(f"| {m} | {len(rows)} | " + " | ".join(fmt(c, v) for c, v in zip(COLUMNS, means)) + " |")
     lines += ["", "| paired difference (same seed) | recovery after a jam, points (95% CI) | per seed |", "|---|---|---|"]
     for m in [x for x in ["sft", *modes] if x != "terminal"]:
