@@ -10,9 +10,16 @@ Each RUN_DIR is read as the pipeline leaves it:
                        (rl, dpo, or sft itself when no later stage ran); success is
                        eval/success_rate on env.eval_split
     timing.json        wall seconds per finished stage (rl.train writes it); wall time is their sum
+    eval/trajectories_<label>   the held-out episodes of each evaluated policy (read by --flips)
 
 The change is final - SFT in points of success rate (same seed, same held-out games), and its CI
 is the t-interval  mean ± t_{0.975, n-1} · s / sqrt(n)  over the recipe's seeds (n/a below 2 seeds).
+
+`--flips` pairs the two policies' episodes game by game: on 50 held-out games a change of a few
+points is a couple of games, and a "+0" can hide a policy that wins other games than SFT. It
+prints, per run, the games won by the final policy only (gained) and by SFT only (lost), and the
+exact two-sided sign test on those discordant games (McNemar's exact test): the probability of a
+split at least that uneven if each discordant game were a fair coin.
 """
 
 from __future__ import annotations
@@ -115,13 +122,67 @@ def table(runs: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class Flips:
+    recipe: str
+    seed: int
+    final_label: str
+    games: int  # held-out games both policies played
+    both: int  # won by both
+    gained: list[str]  # won by the final policy only
+    lost: list[str]  # won by SFT only
+
+    @property
+    def p_value(self) -> float:
+        return sign_test(len(self.gained), len(self.lost))
+
+
+def sign_test(a: int, b: int) -> float:
+    """Exact two-sided binomial test of a vs b successes at p = 1/2 (1.0 when a + b = 0)."""
+    n, k = a + b, min(a, b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def read_flips(run_dir: Path) -> Flips:
+    from rl.trajectory import load_trajectories
+
+    run = read_run(run_dir)
+    if run.final_label == "sft" or run.sft is None:
+        raise ValueError(f"{run_dir}: --flips needs an SFT and a later policy in eval/results.json")
+    won = {}
+    for label in ("sft", run.final_label):
+        path = Path(run_dir) / "eval" / f"trajectories_{label}"
+        if not path.exists():
+            raise FileNotFoundError(f"{run_dir}: no eval/trajectories_{label} (needed by --flips)")
+        won[label] = {t.task: bool(t.success) for t in load_trajectories(path)}
+    games = sorted(set(won["sft"]) & set(won[run.final_label]))
+    a, b = won["sft"], won[run.final_label]
+    return Flips(run.recipe, run.seed, run.final_label, len(games), sum(a[g] and b[g] for g in games),
+                 [g for g in games if b[g] and not a[g]], [g for g in games if a[g] and not b[g]])
+
+
+def flips_table(flips: list[Flips]) -> str:
+    lines = ["| recipe | seed | games | won by both | gained (final only) | lost (SFT only) | sign test p |",
+             "|---|---|---|---|---|---|---|"]
+    for f in sorted(flips, key=lambda f: (f.recipe, f.seed)):
+        lines.append(f"| {f.recipe} | {f.seed} | {f.games} | {f.both} | {len(f.gained)} | {len(f.lost)} "
+                     f"| {f.p_value:.3f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="finished run directories (runs/<name>)")
     parser.add_argument("--stages", action="store_true", help="also print each run's wall minutes per stage")
+    parser.add_argument("--flips", action="store_true",
+                        help="also pair SFT's and the final policy's held-out episodes game by game")
     args = parser.parse_args(argv)
     try:
         runs = [read_run(d) for d in args.run_dirs]
+        flips = [read_flips(d) for d in args.run_dirs] if args.flips else []
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"recipe_results: {e}", file=sys.stderr)
         return 2
@@ -132,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in sorted(runs, key=lambda r: (r.recipe, r.seed)):
             cells = [_minutes(r.stage_s.get(s)) if s in r.stage_s else "-" for s in ("sft", "explore", "progress", "rl", "dpo", "eval")]
             print(f"| {r.recipe} | {r.seed} | " + " | ".join(cells) + " |")
+    if flips:
+        print("\n" + flips_table(flips))
     return 0
 
 

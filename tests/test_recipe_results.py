@@ -86,3 +86,36 @@ def test_stage_times_merge_across_invocations(tmp_path):
     timing = json.loads((tmp_path / "timing.json").read_text())
     assert {k: v["wall_s"] for k, v in timing.items()} == {"sft": 5.0, "rl": 20.0}
     assert not (tmp_path / "timing.json.tmp").exists()
+
+
+def _save_episodes(run: Path, label: str, won: dict[str, bool]) -> None:
+    from rl.trajectory import Step, Trajectory, save_trajectories
+
+    trajs = [Trajectory(i, task, [Step("obs", "act", True)], float(w), w) for i, (task, w) in enumerate(won.items())]
+    save_trajectories(trajs, run / "eval" / f"trajectories_{label}")
+
+
+def test_flips_pair_the_games_and_sign_test_by_hand(tmp_path, capsys):
+    # SFT wins g0 g1 g2; RL wins g1 g2 g3 g4 g5 (g6 lost by both): both 2, gained 3, lost 1
+    d = make_run(tmp_path, "tw", 0, {"sft": 3 / 7, "rl": 5 / 7}, None)
+    _save_episodes(d, "sft", {f"g{i}": i in (0, 1, 2) for i in range(7)})
+    _save_episodes(d, "rl", {f"g{i}": i in (1, 2, 3, 4, 5) for i in range(7)})
+    f = rr.read_flips(d)
+    assert (f.games, f.both, f.gained, f.lost) == (7, 2, ["g3", "g4", "g5"], ["g0"])
+    # 4 discordant games split 3 / 1: P(X <= 1) = (1 + 4) / 16, two-sided 10 / 16
+    assert f.p_value == pytest.approx(0.625)
+    assert rr.sign_test(0, 0) == 1.0 and rr.sign_test(6, 0) == pytest.approx(2 / 64)
+    assert rr.sign_test(2, 2) == 1.0  # an even split is capped at 1
+    assert rr.main([str(d), "--flips"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert ["tw", "0", "7", "2", "3", "1", "0.625"] in rows
+
+
+def test_flips_need_both_policies_episodes(tmp_path, capsys):
+    d = make_run(tmp_path, "tw", 1, {"sft": 0.5, "rl": 0.5}, None)
+    _save_episodes(d, "sft", {"g0": True})
+    assert rr.main([str(d), "--flips"]) == 2
+    assert "no eval/trajectories_rl" in capsys.readouterr().err
+    only_sft = make_run(tmp_path, "a", 0, {"sft": 0.3}, None)
+    with pytest.raises(ValueError, match="needs an SFT and a later policy"):
+        rr.read_flips(only_sft)
