@@ -68,10 +68,14 @@ def test_ppo_improves_success_on_toy_multiturn_task(warm_model, tok, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algo,level", [("grpo", "token"), ("rloo", "token"), ("ppo", "turn"), ("grpo", "turn")])
-def test_critic_free_and_turn_level_variants_improve(warm_model, tok, tmp_path, algo, level):
+# turn-level GRPO at lr 2e-3 reached 0.81 sampled success at iteration 4 of seed 0 on an AMD EPYC
+# host, then one update blew the policy up (entropy 0.38 -> 1.77, above ln 4: non-letter tokens) and
+# it ended at 0.22; at 1e-3 seeds 0-4 all end at 0.97 there (seeds 1-4 end at 0.97-1.0 at 2e-3 too)
+@pytest.mark.parametrize("algo,level,lr", [("grpo", "token", 2e-3), ("rloo", "token", 2e-3), ("ppo", "turn", 2e-3),
+                                           ("grpo", "turn", 1e-3)])
+def test_critic_free_and_turn_level_variants_improve(warm_model, tok, tmp_path, algo, level, lr):
     credit = toy.terminal_rewards if level == "token" and algo != "ppo" else toy.step_rewards_correct
-    _, rows = run(small_cfg(algo=algo, advantage_level=level, kl_coef=0.01), copy.deepcopy(warm_model),
+    _, rows = run(small_cfg(algo=algo, advantage_level=level, kl_coef=0.01, lr=lr), copy.deepcopy(warm_model),
                   tok, tmp_path, credit=credit)
     evals = [r for r in rows if r["stage"] == "eval"]
     assert evals[-1]["eval/success_rate"] >= evals[0]["eval/success_rate"] + 0.3, (algo, level, evals)
