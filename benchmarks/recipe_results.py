@@ -126,7 +126,6 @@ def table(runs: list[RunResult]) -> str:
 class Flips:
     recipe: str
     seed: int
-    final_label: str
     games: int  # held-out games both policies played
     both: int  # won by both
     gained: list[str]  # won by the final policy only
@@ -139,17 +138,16 @@ class Flips:
 
 def sign_test(a: int, b: int) -> float:
     """Exact two-sided binomial test of a vs b successes at p = 1/2 (1.0 when a + b = 0)."""
-    n, k = a + b, min(a, b)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
+    from scipy.stats import binomtest
+
+    return 1.0 if a + b == 0 else float(binomtest(a, a + b, 0.5).pvalue)
 
 
-def read_flips(run_dir: Path) -> Flips:
+def read_flips(run_dir: Path, run: RunResult | None = None) -> Flips:
+    """Pair SFT's and the final policy's episodes of `run_dir` (`run`: its read_run, if already read)."""
     from rl.trajectory import load_trajectories
 
-    run = read_run(run_dir)
+    run = run or read_run(run_dir)
     if run.final_label == "sft" or run.sft is None:
         raise ValueError(f"{run_dir}: --flips needs an SFT and a later policy in eval/results.json")
     won = {}
@@ -160,7 +158,7 @@ def read_flips(run_dir: Path) -> Flips:
         won[label] = {t.task: bool(t.success) for t in load_trajectories(path)}
     games = sorted(set(won["sft"]) & set(won[run.final_label]))
     a, b = won["sft"], won[run.final_label]
-    return Flips(run.recipe, run.seed, run.final_label, len(games), sum(a[g] and b[g] for g in games),
+    return Flips(run.recipe, run.seed, len(games), sum(a[g] and b[g] for g in games),
                  [g for g in games if b[g] and not a[g]], [g for g in games if a[g] and not b[g]])
 
 
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [read_run(d) for d in args.run_dirs]
-        flips = [read_flips(d) for d in args.run_dirs] if args.flips else []
+        flips = [read_flips(d, r) for d, r in zip(args.run_dirs, runs)] if args.flips else []
     except (FileNotFoundError, ValueError, KeyError) as e:
         print(f"recipe_results: {e}", file=sys.stderr)
         return 2
