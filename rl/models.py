@@ -17,6 +17,7 @@ import copy
 import importlib.util
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,3 +263,41 @@ def save_model(model, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _lora_layers(model) -> list:
+    if not hasattr(model, "peft_config"):  # not a peft model: no need to import peft
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+@contextmanager
+def lora_merged(model, enabled: bool = True):
+    """Generate with the active LoRA adapter folded into the base weights, unmerged on exit.
+
+    An unmerged adapter runs two extra rank-r matmuls, a dropout and an add per wrapped linear
+    layer; in decoding at small batch those small ops cost about a fifth of the time (SmolLM2-135M,
+    16 rows, 2 threads: 1.18-1.32x faster merged). TRL merges the same way before it syncs vLLM.
+    The round trip W + d - d restores fp32 weights to within an ulp, so it is done for float32
+    weights only: in bf16/fp16 it would perturb the base weights, which are the KL reference.
+    Skipped for partitioned (ZeRO-3) weights and for a model that is already merged or that
+    holds no adapter; then the model generates as it is."""
+    layers = _lora_layers(model) if enabled else []
+    ok = bool(layers) and all(
+        not layer.merged and not layer.disable_adapters and layer.active_adapters
+        and getattr(layer.get_base_layer().weight, "ds_id", None) is None
+        and layer.get_base_layer().weight.dtype == torch.float32 for layer in layers)
+    if not ok:
+        yield model
+        return
+    with torch.no_grad():
+        for layer in layers:
+            layer.merge()
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for layer in layers:
+                layer.unmerge()

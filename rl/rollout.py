@@ -53,6 +53,8 @@ class RolloutConfig:
     # prompt = system prompt + first observation + the last k..2k-1 turns (0: the whole history);
     # the oldest k turns go at once, see rl.trajectory.window_start. RL must tokenize with the same k
     history_turns: int = 0
+    # HF: fold a LoRA adapter into the fp32 base weights while generating (rl.models.lora_merged)
+    merge_lora: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
@@ -468,10 +470,14 @@ def collect_rollouts(model, tokenizer, env_factory: Callable[[], Any], tasks: li
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout off: rollouts sample from the policy, not a noisy copy
+    from rl.models import lora_merged
+
+    merge = cfg.merge_lora and cfg.backend == "hf" and not isinstance(model, str)
     try:
-        backend = make_backend(model, tokenizer, cfg, greedy)
-        mine = run_episodes(backend, tokenizer, env_factory, episodes[rank::world], cfg,
-                            seed=seed + 7919 * rank, progress=rank == 0, desc=desc)
+        with lora_merged(model, merge):
+            backend = make_backend(model, tokenizer, cfg, greedy)
+            mine = run_episodes(backend, tokenizer, env_factory, episodes[rank::world], cfg,
+                                seed=seed + 7919 * rank, progress=rank == 0, desc=desc)
     finally:
         if was_training:
             model.train()

@@ -388,3 +388,68 @@ def test_a_groups_shared_first_prompt_is_encoded_once(tok, model, monkeypatch):
     # the shared prefill ran on the 3 distinct prompts (all but their last token), then generate
     # fed each of the 6 rows its last prompt token only
     assert fed[0][0] == 3 and fed[1] == (6, 1)
+
+
+def _lora_policy(tok, dtype=torch.float32):
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(_model(tok), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:  # a trained-looking adapter: B = 0 would make merging a no-op
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return policy.to(dtype).eval()
+
+
+def test_lora_is_merged_while_generating_and_the_weights_come_back(tok, monkeypatch):
+    from peft.tuners.lora import LoraLayer
+
+    policy = _lora_policy(tok)
+    layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    with torch.no_grad():
+        ref_logits = policy(ids).logits
+    merged_during = []
+    orig = policy.generate
+
+    def spy(*args, **kwargs):
+        merged_during.append(all(layer.merged for layer in layers))
+        return orig(*args, **kwargs)
+
+    monkeypatch.setattr(policy, "generate", spy)
+    tasks = ["n-4", "n-1", "n-3", "fussy-3"]
+    cfg = RolloutConfig(max_turns=6, max_new_tokens=8, num_envs=2, merge_lora=False)
+    unmerged = collect_rollouts(policy, tok, CountEnv, tasks, cfg, greedy=True)
+    assert merged_during and not any(merged_during)
+    merged_during.clear()
+    cfg.merge_lora = True
+    merged = collect_rollouts(policy, tok, CountEnv, tasks, cfg, greedy=True)
+    assert merged_during and all(merged_during)  # every generate call ran on merged weights
+    assert _actions(merged) == _actions(unmerged)
+    assert len({a for acts in _actions(merged) for a in acts}) > 3
+    # after the rollout: unmerged again, every weight back to within fp32 rounding, same outputs
+    assert not any(layer.merged for layer in layers)
+    for n, p in policy.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=0, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(policy(ids).logits, ref_logits, rtol=0, atol=1e-5)
+
+
+def test_lora_merge_is_skipped_where_it_would_change_the_policy(tok):
+    from peft.tuners.lora import LoraLayer
+
+    from rl.models import lora_merged
+
+    plain = _model(tok)
+    with lora_merged(plain) as m:  # no adapter: nothing to do, no peft needed
+        assert m is plain
+    for policy, ctx in ((_lora_policy(tok, torch.bfloat16), None), (_lora_policy(tok), "disabled")):
+        layers = [m for m in policy.modules() if isinstance(m, LoraLayer)]
+        if ctx == "disabled":  # the adapter-off reference: merging would switch the adapter back on
+            with policy.disable_adapter(), lora_merged(policy):
+                assert not any(layer.merged for layer in layers)
+        else:  # bf16: W + d - d would not give W back
+            with lora_merged(policy):
+                assert not any(layer.merged for layer in layers)
