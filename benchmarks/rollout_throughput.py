@@ -5,9 +5,12 @@ and generated tokens/s for:
   batched+cache   collect_rollouts, --num-envs envs in lockstep, KV cache reused across turns
   batched         collect_rollouts, --num-envs envs in lockstep, fresh prefill every turn
   naive           one env at a time, batch 1, the whole conversation re-encoded every turn
-and the ratios to the naive loop.
+and the ratios to the naive loop. With `--lora R` the model carries a LoRA adapter of rank R (its B
+initialised away from 0, as after training) and one more row runs batched+cache with the adapter
+left unmerged (`rollout.merge_lora=false`); the last line is the merged-vs-unmerged ratio.
 
     python benchmarks/rollout_throughput.py --model tiny --episodes 16 --max-new-tokens 16
+    python benchmarks/rollout_throughput.py --model smollm2-135m --lora 16 --episodes 16 --max-turns 4
 """
 
 from __future__ import annotations
@@ -70,12 +73,20 @@ def main() -> None:
     p.add_argument("--num-envs", type=int, default=8)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on the model (0: none); adds the unmerged row")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
     tokenizer = load_tokenizer(args.model)
-    model = load_model(ModelConfig(name=args.model), tokenizer).eval()
+    model = load_model(ModelConfig(name=args.model, lora=args.lora > 0, lora_r=max(args.lora, 1),
+                                   lora_alpha=2 * max(args.lora, 1)), tokenizer).eval()
+    if args.lora:
+        g = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():  # B = 0 (peft's init) would make the adapter a no-op
+            for name, prm in model.named_parameters():
+                if "lora_B" in name:
+                    prm.copy_(torch.randn(prm.shape, generator=g) * 0.01)
     if torch.cuda.is_available():
         model.to("cuda")
     env_factory = lambda: make_env("keydoor", size=3, num_train_tasks=max(args.episodes, 8))  # noqa: E731
@@ -90,8 +101,11 @@ def main() -> None:
     collect_rollouts(model, tokenizer, env_factory, tasks[:2], RolloutConfig(**{**base, "max_turns": 1}, num_envs=2))
 
     rows = []
-    for name, reuse in (("batched+cache", True), ("batched", False)):
-        cfg = RolloutConfig(**base, num_envs=args.num_envs, reuse_cache=reuse)
+    modes = [("batched+cache", True, True), ("batched", False, True)]
+    if args.lora:
+        modes.insert(1, ("cache,unmerged", True, False))
+    for name, reuse, merge in modes:
+        cfg = RolloutConfig(**base, num_envs=args.num_envs, reuse_cache=reuse, merge_lora=merge)
         t0 = time.perf_counter()
         trajs = collect_rollouts(model, tokenizer, env_factory, tasks, cfg, seed=args.seed, desc=name)
         wall = time.perf_counter() - t0
@@ -109,6 +123,10 @@ def main() -> None:
     for name, steps, tokens, wall in rows:
         print(f"{name:<14} {steps:>6.0f} {tokens:>7.0f} {wall:>7.2f} {steps / wall:>8.1f} {tokens / wall:>8.1f} "
               f"{steps / wall / naive_steps_s:>16.2f}x {tokens / wall / naive_tok_s:>14.2f}x")
+    if args.lora:
+        (_, s1, k1, w1), (_, s2, k2, w2) = rows[0], rows[1]
+        print(f"LoRA merged vs unmerged (batched+cache): {s1 / w1 / (s2 / w2):.2f}x steps/s, "
+              f"{k1 / w1 / (k2 / w2):.2f}x tok/s")
 
 
 if __name__ == "__main__":
