@@ -18,6 +18,12 @@ Cost per turn is linear in the new text, not in the whole history:
   the no-reuse path (tested).
 - A fresh batch whose rows share a prompt (the G rollouts of a task, started together) encodes
   each distinct prompt once and copies its KV to the rows that share it.
+- `bucket_prefill`: left-padding a turn's new tokens to the longest row pays for the padding,
+  and the longest row is often a slot that just restarted with a whole first prompt (TextWorld:
+  ~250 tokens against increments of ~70). The new tokens are then encoded in length buckets
+  (`length_buckets`: fewest padded positions plus a per-forward cost), each on a copy of its
+  rows' cache, and the rows are reassembled right-aligned in one cache for generate.
+  `prefill_tokens` / `prefill_positions` count the real tokens and the positions computed.
 - `history_turns=k`: the prompt keeps the system prompt, the first observation and the last k to
   2k-1 turns (`rl.trajectory.window_start`); within a window block it is extended as above, and
   when the window drops its oldest k turns it is encoded afresh (the cache row restarts), so a
@@ -55,6 +61,11 @@ class RolloutConfig:
     history_turns: int = 0
     # HF: fold a LoRA adapter into the fp32 base weights while generating (rl.models.lora_merged)
     merge_lora: bool = True
+    # HF + reuse_cache: encode each turn's new prompt tokens in length buckets instead of one
+    # batch left-padded to the longest (a restarted slot's whole first prompt, or the longest
+    # observation); "auto": on a CPU for models of 10M+ parameters, where every padded position
+    # costs compute; off on a GPU and for tiny models (the copies of the cache outweigh the saving)
+    bucket_prefill: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in ("hf", "vllm"):
@@ -62,6 +73,8 @@ class RolloutConfig:
         for key in ("max_turns", "max_new_tokens", "num_envs", "max_prompt_tokens"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rollout.{key}={getattr(self, key)}: must be >= 1")
+        if self.bucket_prefill not in ("auto", "on", "off"):
+            raise ValueError(f"rollout.bucket_prefill={self.bucket_prefill!r}: choose 'auto', 'on' or 'off'")
         if self.history_turns < 0:
             raise ValueError(f"rollout.history_turns={self.history_turns}: must be >= 0 (0: the whole history)")
         if not 0.0 < self.top_p <= 1.0 or self.temperature < 0 or self.top_k < 0:
@@ -92,6 +105,30 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+# A forward's fixed cost (per-layer kernel launches, Python) in prompt tokens' worth of compute on a
+# CPU: a bucket is split off only when it saves more padded positions than this.
+BUCKET_OVERHEAD_TOKENS = 64
+BUCKET_MIN_PARAMS = 10_000_000  # bucket_prefill="auto" buckets only for models at least this big
+
+
+def length_buckets(lengths: list[int], overhead: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Partition row indices into buckets minimising sum(overhead + rows x longest) over buckets
+    (exact: a DP over the rows sorted by length, where an optimal bucket is a contiguous run).
+    Rows of length 0 need no forward and form no bucket."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    best, cut = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # bucket = order[i:j], its longest is order[j-1]
+            c = best[i] + overhead + (j - i) * lengths[order[j - 1]]
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    buckets, j = [], len(order)
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
 class HFBackend:
     """`model.generate` on left-padded prompts, optionally reusing the KV cache across turns."""
 
@@ -101,6 +138,11 @@ class HFBackend:
         from transformers import GenerationConfig
 
         self.model, self.tokenizer, self.reuse = model, tokenizer, cfg.reuse_cache
+        # auto: where padded positions cost compute, i.e. on a CPU and for a model whose matmuls
+        # outweigh a forward's fixed cost (not the 0.16M-parameter tiny model: slower there)
+        self.bucket = cfg.bucket_prefill == "on" or (
+            cfg.bucket_prefill == "auto" and model.device.type == "cpu"
+            and sum(p.numel() for p in model.parameters()) >= BUCKET_MIN_PARAMS)
         self.eos = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
         sample = not greedy and cfg.temperature > 0
@@ -120,6 +162,8 @@ class HFBackend:
         self.cached: dict[int, list[int]] = {}  # slot -> prompt ids whose KV is in its row
         self.calls = 0  # generate calls made (one per turn)
         self.shared_rows = 0  # prompt rows whose prefill was copied from an equal prompt's
+        self.prefill_tokens = 0  # prompt tokens fed to the model (real ones)
+        self.prefill_positions = 0  # positions the prefill forwards computed (real + padding)
 
     def _shared_prefill(self, prompts: list[list[int]]):
         """A fresh batch in which rows share a prompt (the G rollouts of a task start alike):
@@ -140,12 +184,68 @@ class HFBackend:
         pos = (head_mask.cumsum(1) - 1).clamp(min=0)
         self.model(input_ids=heads.to(dev), attention_mask=head_mask.to(dev), position_ids=pos.to(dev),
                    use_cache=True, logits_to_keep=1, **{self.forward_cache_kw: cache})
+        self.prefill_positions += heads.numel()
+        self.prefill_tokens += int(head_mask.sum())
         cache.batch_select_indices(torch.tensor(rows, device=dev))
         self.shared_rows += len(prompts) - len(distinct)
         old_mask = head_mask[rows]
         ids = torch.cat([torch.full(old_mask.shape, self.pad_id, dtype=torch.long),
                          torch.tensor([[p[-1]] for p in prompts])], 1)
         return ids, torch.cat([old_mask, torch.ones(len(prompts), 1, dtype=torch.long)], 1), cache
+
+    def _bucketed_prefill(self, news: list[list[int]], old_mask):
+        """Encode every row's new tokens but its last, bucket by bucket (`length_buckets`), on a
+        copy of the cached rows, and return (ids, mask, cache) with each row's KV right-aligned in
+        one cache, so generate feeds only the last token of each row. Padding then costs
+        positions only within a bucket. None when one bucket would do (the plain path is then
+        the same work without the copies) or the cache is not a plain per-layer KV."""
+        import torch
+        from transformers import DynamicCache
+
+        heads = [n[:-1] for n in news]
+        lengths = [len(h) for h in heads]
+        buckets = length_buckets(lengths, BUCKET_OVERHEAD_TOKENS)
+        layers = self.cache.layers
+        if len(buckets) < 2 or any(type(lay).__name__ != "DynamicLayer" or lay.keys is None for lay in layers):
+            return None
+        dev, R, W, H = self.model.device, len(news), old_mask.shape[1], max(lengths)
+        keys = [lay.keys.new_zeros(R, lay.keys.shape[1], W + H, lay.keys.shape[3]) for lay in layers]
+        values = [lay.values.new_zeros(R, lay.values.shape[1], W + H, lay.values.shape[3]) for lay in layers]
+        mask = torch.zeros(R, W + H, dtype=torch.long)
+        done = set()
+        for rows in buckets:
+            idx = torch.tensor(rows, device=dev)
+            sub = DynamicCache()
+            for i, lay in enumerate(layers):
+                sub.update(lay.keys[idx], lay.values[idx], i)
+            ids, new_mask = _left_pad([heads[r] for r in rows], self.pad_id)
+            sub_mask = torch.cat([old_mask[rows], new_mask], 1)
+            pos = ((sub_mask.cumsum(1) - 1).clamp(min=0))[:, W:]
+            self.model(input_ids=ids.to(dev), attention_mask=sub_mask.to(dev), position_ids=pos.to(dev),
+                       use_cache=True, logits_to_keep=1, **{self.forward_cache_kw: sub})
+            self.prefill_positions += ids.numel()
+            h = ids.shape[1]  # the bucket's KV goes to the last W + h positions; the gap is a hole
+            for i, lay in enumerate(sub.layers):
+                keys[i][idx, :, H - h:] = lay.keys
+                values[i][idx, :, H - h:] = lay.values
+            mask[rows, H - h:] = sub_mask
+            done.update(rows)
+        rest = [r for r in range(R) if r not in done]  # no new token before the last one
+        if rest:
+            idx = torch.tensor(rest, device=dev)
+            for i, lay in enumerate(layers):
+                keys[i][idx, :, H:] = lay.keys[idx]
+                values[i][idx, :, H:] = lay.values[idx]
+            mask[rest, H:] = old_mask[rest]
+        del layers
+        self.cache = None  # the old cache's rows now live in `keys`/`values`: free it before decoding
+        cache = DynamicCache()
+        for i in range(len(keys)):
+            cache.update(keys[i], values[i], i)
+        self.prefill_tokens += sum(lengths)
+        ids = torch.cat([torch.full((R, W + H), self.pad_id, dtype=torch.long),
+                         torch.tensor([[n[-1]] for n in news])], 1)
+        return ids, torch.cat([mask, torch.ones(R, 1, dtype=torch.long)], 1), cache
 
     def _inputs(self, prompts: list[list[int]], slots: list[int]):
         """(input_ids, attention_mask, cache) for this call: incremental when the cache allows."""
@@ -166,6 +266,8 @@ class HFBackend:
                     self.cache.batch_select_indices(torch.tensor(idx, device=self.model.device))
                 old_mask = self.mask[idx].clone()
                 old_mask[torch.tensor(restart)] = 0  # a new episode in this slot: forget the row
+                if self.bucket and (bucketed := self._bucketed_prefill(news, old_mask)) is not None:
+                    return bucketed
                 new_ids, new_mask = _left_pad(news, self.pad_id)
                 old_ids = torch.full(old_mask.shape, self.pad_id, dtype=torch.long)
                 return torch.cat([old_ids, new_ids], 1), torch.cat([old_mask, new_mask], 1), self.cache
@@ -181,6 +283,9 @@ class HFBackend:
         dev = self.model.device
         with torch.no_grad():
             ids, mask, cache = self._inputs(prompts, slots)
+            cached = cache.get_seq_length() if cache is not None else 0
+            self.prefill_positions += ids[:, cached:].numel()  # generate's own prefill of the rest
+            self.prefill_tokens += int(mask[:, cached:].sum())
             ids, mask = ids.to(dev), mask.to(dev)
             kwargs = {self.cache_kw: cache} if cache is not None else {}
             if self.gen_cfg.stop_strings:

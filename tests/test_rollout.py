@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from rl.models import load_tokenizer, tiny_model
+from rl import rollout as rollout_mod
 from rl.rollout import (
-    INVALID_REPLY, HFBackend, RolloutConfig, call_all_with_timeout, collect_rollouts, run_episodes,
+    INVALID_REPLY, HFBackend, RolloutConfig, call_all_with_timeout, collect_rollouts, length_buckets, run_episodes,
 )
 from rl.trajectory import encode_conversation, tokenize_trajectory
 
@@ -453,3 +454,42 @@ def test_lora_merge_is_skipped_where_it_would_change_the_policy(tok):
         else:  # bf16: W + d - d would not give W back
             with lora_merged(policy):
                 assert not any(layer.merged for layer in layers)
+
+
+def test_length_buckets_minimise_padded_positions_plus_a_cost_per_forward():
+    # sorted: row 1 (3), row 3 (4), row 4 (98), row 2 (100); row 0 has nothing to encode
+    assert length_buckets([0, 3, 100, 4, 98], overhead=10) == [[1, 3], [4, 2]]  # 18 + 210 < 410
+    assert length_buckets([0, 3, 100, 4, 98], overhead=1000) == [[1, 3, 4, 2]]
+    assert length_buckets([5, 5, 5], overhead=1) == [[0, 1, 2]]
+    assert length_buckets([0, 0]) == []
+    # cost of the DP's answer equals a brute force over all contiguous splits of the sorted rows
+    import itertools
+    lengths, ov = [7, 1, 30, 2, 29, 12, 0, 13], 5
+    srt = sorted(n for n in lengths if n)
+    def cost(bs):
+        return sum(ov + len(b) * max(lengths[i] for i in b) for b in bs)
+    brute = min(sum(ov + (j - i) * srt[j - 1] for i, j in zip((0,) + c, c + (len(srt),)))
+                for r in range(len(srt)) for c in itertools.combinations(range(1, len(srt)), r))
+    assert cost(length_buckets(lengths, ov)) == brute
+
+
+def test_bucketed_prefill_gives_the_same_replies_with_fewer_positions(tok, model, monkeypatch):
+    """Each turn's new prompt tokens encoded in length buckets (a restarted slot's whole first
+    prompt apart from the other rows' short increments): greedy replies equal those of the padded
+    batch and of no reuse at all; the same real tokens are fed, in fewer computed positions."""
+    monkeypatch.setattr(rollout_mod, "BUCKET_OVERHEAD_TOKENS", 0)
+    tasks = ["n-4", "n-1", "n-3", "n-2", "fussy-3", "n-5", "n-2", "n-1"]
+    episodes = [(i, t, i) for i, t in enumerate(tasks)]
+    ref = collect_rollouts(model, tok, CountEnv, tasks, RolloutConfig(max_turns=6, max_new_tokens=8, num_envs=3,
+                                                                        reuse_cache=False), greedy=True)
+    runs = {}
+    for mode in ("off", "on"):
+        cfg = RolloutConfig(max_turns=6, max_new_tokens=8, num_envs=3, bucket_prefill=mode)
+        backend = HFBackend(model, tok, cfg, greedy=True)
+        runs[mode] = backend, run_episodes(backend, tok, CountEnv, episodes, cfg)
+    assert _actions(runs["on"][1]) == _actions(runs["off"][1]) == _actions(ref)
+    assert len({a for acts in _actions(ref) for a in acts}) > 5
+    on, off = runs["on"][0], runs["off"][0]
+    assert on.prefill_tokens == off.prefill_tokens
+    assert on.prefill_positions < off.prefill_positions
+    assert off.prefill_positions > off.prefill_tokens  # the padded batch did pay for padding
