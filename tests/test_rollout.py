@@ -493,3 +493,7 @@ def test_bucketed_prefill_gives_the_same_replies_with_fewer_positions(tok, model
     assert on.prefill_tokens == off.prefill_tokens
     assert on.prefill_positions < off.prefill_positions
     assert off.prefill_positions > off.prefill_tokens  # the padded batch did pay for padding
+    # "auto" leaves the tiny model padded (the copies cost more than the padding there); bad values fail
+    assert not HFBackend(model, tok, RolloutConfig(), greedy=True).bucket
+    with pytest.raises(ValueError, match="bucket_prefill"):
+        RolloutConfig(bucket_prefill="yes")
