@@ -293,11 +293,9 @@ def lora_merged(model, enabled: bool = True):
         yield model
         return
     with torch.no_grad():
-        for layer in layers:
-            layer.merge()
+        model.merge_adapter()
     try:
         yield model
     finally:
         with torch.no_grad():
-            for layer in layers:
-                layer.unmerge()
+            model.unmerge_adapter()

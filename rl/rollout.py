@@ -165,6 +165,25 @@ class HFBackend:
         self.prefill_tokens = 0  # prompt tokens fed to the model (real ones)
         self.prefill_positions = 0  # positions the prefill forwards computed (real + padding)
 
+    def _encode(self, new_ids, mask, cache) -> None:
+        """Append `new_ids` (left-padded) to `cache` in one forward, the LM head on one position
+        only; `mask` covers the cached and the new positions, and positions count real tokens
+        only (left padding and holes skipped), as generate's own prefill does."""
+        dev = self.model.device
+        pos = (mask.cumsum(1) - 1).clamp(min=0)[:, mask.shape[1] - new_ids.shape[1]:]
+        self.model(input_ids=new_ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
+                   use_cache=True, logits_to_keep=1, **{self.forward_cache_kw: cache})
+        self.prefill_positions += new_ids.numel()
+        self.prefill_tokens += int(mask[:, mask.shape[1] - new_ids.shape[1]:].sum())
+
+    def _last_token_inputs(self, mask, last_ids: list[int], cache):
+        """(ids, mask, cache) for generate when `cache` holds every row's prompt but its last
+        token: generate then feeds only that token."""
+        import torch
+
+        ids = torch.cat([torch.full(mask.shape, self.pad_id, dtype=torch.long), torch.tensor([[t] for t in last_ids])], 1)
+        return ids, torch.cat([mask, torch.ones(len(last_ids), 1, dtype=torch.long)], 1), cache
+
     def _shared_prefill(self, prompts: list[list[int]]):
         """A fresh batch in which rows share a prompt (the G rollouts of a task start alike):
         encode each distinct prompt once, all but its last token, and copy its KV to the rows
@@ -179,19 +198,10 @@ class HFBackend:
             return None
         heads, head_mask = _left_pad([list(p[:-1]) for p in distinct], self.pad_id)
         cache = DynamicCache()
-        dev = self.model.device
-        # left padding: positions count real tokens only, as generate's own prefill does
-        pos = (head_mask.cumsum(1) - 1).clamp(min=0)
-        self.model(input_ids=heads.to(dev), attention_mask=head_mask.to(dev), position_ids=pos.to(dev),
-                   use_cache=True, logits_to_keep=1, **{self.forward_cache_kw: cache})
-        self.prefill_positions += heads.numel()
-        self.prefill_tokens += int(head_mask.sum())
-        cache.batch_select_indices(torch.tensor(rows, device=dev))
+        self._encode(heads, head_mask, cache)
+        cache.batch_select_indices(torch.tensor(rows, device=self.model.device))
         self.shared_rows += len(prompts) - len(distinct)
-        old_mask = head_mask[rows]
-        ids = torch.cat([torch.full(old_mask.shape, self.pad_id, dtype=torch.long),
-                         torch.tensor([[p[-1]] for p in prompts])], 1)
-        return ids, torch.cat([old_mask, torch.ones(len(prompts), 1, dtype=torch.long)], 1), cache
+        return self._last_token_inputs(head_mask[rows], [p[-1] for p in prompts], cache)
 
     def _bucketed_prefill(self, news: list[list[int]], old_mask):
         """Encode every row's new tokens but its last, bucket by bucket (`length_buckets`), on a
@@ -220,10 +230,7 @@ class HFBackend:
                 sub.update(lay.keys[idx], lay.values[idx], i)
             ids, new_mask = _left_pad([heads[r] for r in rows], self.pad_id)
             sub_mask = torch.cat([old_mask[rows], new_mask], 1)
-            pos = ((sub_mask.cumsum(1) - 1).clamp(min=0))[:, W:]
-            self.model(input_ids=ids.to(dev), attention_mask=sub_mask.to(dev), position_ids=pos.to(dev),
-                       use_cache=True, logits_to_keep=1, **{self.forward_cache_kw: sub})
-            self.prefill_positions += ids.numel()
+            self._encode(ids, sub_mask, sub)
             h = ids.shape[1]  # the bucket's KV goes to the last W + h positions; the gap is a hole
             for i, lay in enumerate(sub.layers):
                 keys[i][idx, :, H - h:] = lay.keys
@@ -242,10 +249,7 @@ class HFBackend:
         cache = DynamicCache()
         for i in range(len(keys)):
             cache.update(keys[i], values[i], i)
-        self.prefill_tokens += sum(lengths)
-        ids = torch.cat([torch.full((R, W + H), self.pad_id, dtype=torch.long),
-                         torch.tensor([[n[-1]] for n in news])], 1)
-        return ids, torch.cat([mask, torch.ones(R, 1, dtype=torch.long)], 1), cache
+        return self._last_token_inputs(mask, [n[-1] for n in news], cache)
 
     def _inputs(self, prompts: list[list[int]], slots: list[int]):
         """(input_ids, attention_mask, cache) for this call: incremental when the cache allows."""
@@ -566,6 +570,8 @@ def collect_rollouts(model, tokenizer, env_factory: Callable[[], Any], tasks: li
     accelerator of P processes, process p runs episodes p, p+P, ... (strided, so each process
     gets a similar mix of tasks) and the results are gathered on all processes.
     """
+    from rl.models import lora_merged
+
     if group_size < 1:
         raise ValueError(f"group_size={group_size}: must be >= 1")
     episodes = [(i * group_size + k, task, i) for i, task in enumerate(tasks) for k in range(group_size)]
@@ -575,8 +581,6 @@ def collect_rollouts(model, tokenizer, env_factory: Callable[[], Any], tasks: li
     was_training = getattr(model, "training", False)
     if was_training:
         model.eval()  # dropout off: rollouts sample from the policy, not a noisy copy
-    from rl.models import lora_merged
-
     merge = cfg.merge_lora and cfg.backend == "hf" and not isinstance(model, str)
     try:
         with lora_merged(model, merge):
