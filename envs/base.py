@@ -74,6 +74,7 @@ _REGISTRY: dict[str, Callable[..., TextEnv]] = {}
 # heavy engines (textworld, scienceworld) load only when asked for.
 _BUILTIN_MODULES = {
     "keydoor": "envs.keydoor",
+    "blocks": "envs.blocks",
     "textworld": "envs.textworld_env",
     "scienceworld": "envs.scienceworld_env",
     "alfworld": "envs.alfworld_env",
