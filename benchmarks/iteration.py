@@ -66,6 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--group", type=int, default=4, help="rollouts per task")
     ap.add_argument("--turns", type=int, default=8, help="rollout.max_turns")
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--stop-at-newline", action="store_true",
+                    help="rollout.stop_strings=['\\n']: replies end at their first line, as the real-LM recipes have it")
     ap.add_argument("--num-envs", type=int, default=32)
     ap.add_argument("--history-turns", type=int, default=0, help="rollout.history_turns (0: whole history)")
     ap.add_argument("--minibatch", type=int, default=32)
@@ -143,6 +145,8 @@ def main(argv=None) -> None:
                    temperature=args.temperature)
     if args.history_turns:
         rcfg_kw["history_turns"] = args.history_turns
+    if args.stop_at_newline:
+        rcfg_kw["stop_strings"] = ["\n"]
     rcfg = RolloutConfig(**rcfg_kw)
 
     def rollout_fn(model, batch_tasks, seed):
@@ -167,7 +171,7 @@ def main(argv=None) -> None:
           f"{peak / 1e9:,.1f} GFLOP/s (fp32, n={args.matmul_n})")
     print(f"model        {args.model}{'' if args.no_lora else f' + LoRA r={mcfg.lora_r}'}: {n_params / 1e6:.1f} M non-embedding "
           f"parameters; {args.env} {opts}, {args.tasks} tasks x {args.group}, max {args.turns} turns of "
-          f"{args.max_new_tokens} tokens, {args.num_envs} envs, minibatch {args.minibatch} / grad_accum "
+          f"{args.max_new_tokens} tokens{' (to the first newline)' if args.stop_at_newline else ''}, {args.num_envs} envs, minibatch {args.minibatch} / grad_accum "
           f"{args.grad_accum}, {args.epochs} epoch(s), kl {args.kl}, history_turns {args.history_turns or 'all'}")
     print(f"{'it':>3} {'episodes':>8} {'turns':>6} {'prompt':>7} {'obs':>6} {'action':>6} {'padded':>7} | "
           + " ".join(f"{p + ' s':>9}" for p in PHASES) + f" {'total s':>8} | "
