@@ -80,6 +80,7 @@ def parse_args(argv=None):
     ap.add_argument("--micro-tokens", type=int, default=0, help="rl.micro_batch_tokens (0: off)")
     ap.add_argument("--grad-ckpt", action="store_true", help="model.gradient_checkpointing")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--show", type=int, default=2, help="print this many of the last iteration's sampled episodes")
     ap.add_argument("--matmul-n", type=int, default=1024)
     args = ap.parse_args(argv)
     if args.lora_r is not None and (args.lora_r < 1 or args.no_lora):
@@ -149,9 +150,13 @@ def main(argv=None) -> None:
         rcfg_kw["stop_strings"] = ["\n"]
     rcfg = RolloutConfig(**rcfg_kw)
 
+    last_trajs: list = []
+
     def rollout_fn(model, batch_tasks, seed):
-        return collect_rollouts(model, tok, factory, batch_tasks, rcfg, group_size=args.group, seed=seed,
-                                accelerator=acc)
+        trajs = collect_rollouts(model, tok, factory, batch_tasks, rcfg, group_size=args.group, seed=seed,
+                                 accelerator=acc)
+        last_trajs[:] = trajs
+        return trajs
 
     cfg = PPOConfig(algo=args.algo, iterations=args.iterations, tasks_per_iter=args.tasks, group_size=args.group,
                     ppo_epochs=args.epochs, minibatch_size=args.minibatch, grad_accum_steps=args.grad_accum,
@@ -190,6 +195,13 @@ def main(argv=None) -> None:
               + " ".join(f"{r[p + '_peak_rss_gib']:>11.2f}" for p in PHASES) + " | "
               + " ".join(f"{gfs[p]:>6.1f} ({gfs[p] * 1e9 / peak:>3.0%})" for p in gfs))
     print(f"process peak RSS {peak_rss_gib():.2f} GiB (since the last phase start)")
+    if last_trajs:
+        won = sum(t.success for t in last_trajs)
+        valid = sum(s.valid for t in last_trajs for s in t.steps) / max(sum(t.num_steps for t in last_trajs), 1)
+        print(f"last iteration's episodes: {won} of {len(last_trajs)} won, {valid:.0%} of the actions valid")
+    for t in last_trajs[:args.show]:  # what the policy actually did, not only the timings
+        print(f"  task {t.task} ({'won' if t.success else 'lost'}): "
+              + " | ".join(f"{s.action.strip()!r}{'' if s.valid else ' (invalid)'}" for s in t.steps))
     last = rows[-1]
     ratio = (last["score_time"] + last["update_time"]) / max(last["rollout_time"], 1e-9)
     cpu = {p: last.get(p + "_cpu_time", float("nan")) for p in PHASES}
