@@ -273,6 +273,31 @@ def _lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def adapter_is_identity(model) -> bool:
+    """True when `model` is a peft LoRA model whose active adapters add exactly nothing: every
+    lora_B weight (and bias) is all zeros, as peft initialises it. The policy then *is* its
+    adapter-off KL reference, bit for bit, so the trainer can skip the reference forward (the
+    first RL iteration on a fresh adapter). False whenever that cannot be proven: not peft, a
+    non-LoRA or DoRA adapter, a merged or disabled adapter, or partitioned (ZeRO-3) weights."""
+    layers = _lora_layers(model)
+    if not layers or any(getattr(c, "peft_type", None) != "LORA" or getattr(c, "use_dora", False)
+                         for c in model.peft_config.values()):
+        return False
+    for layer in layers:
+        if layer.merged or layer.disable_adapters or not layer.active_adapters:
+            return False
+        for name in layer.active_adapters:
+            if name in layer.lora_B:
+                tensors = [p for p in layer.lora_B[name].parameters()]
+            elif name in getattr(layer, "lora_embedding_B", {}):
+                tensors = [layer.lora_embedding_B[name]]
+            else:
+                return False
+            if any(getattr(t, "ds_id", None) is not None or bool(t.count_nonzero()) for t in tensors):
+                return False
+    return True
+
+
 @contextmanager
 def lora_merged(model, enabled: bool = True):
     """Generate with the active LoRA adapter folded into the base weights, unmerged on exit.

@@ -329,10 +329,54 @@ def test_skipping_the_old_pass_gives_the_same_training(warm_model, tok, tmp_path
     assert [r["score_sequences"] for r in rows_skip] == [n - cfg.minibatch_size + n] * 2  # old rows + ref rows
     assert [r["score_sequences"] for r in rows_full] == [2 * n] * 2
     for a, b in zip(skip.parameters(), full.parameters()):
-        print("maxdiff", (a - b).abs().max().item()); assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-5)
     for a, b in zip(rows_skip, rows_full):
         for key in ("policy_loss", "kl_loss", "clip_frac", "approx_kl", "entropy", "kl_ref", "reward"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+def _fresh_lora(tok, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(tok, seed=1)
+    torch.manual_seed(0)  # lora_A's random init: the same adapter every call
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kw))
+
+
+def test_adapter_is_identity_only_when_provably_so(tok):
+    from rl.models import adapter_is_identity
+
+    policy = _fresh_lora(tok)
+    assert adapter_is_identity(policy)  # peft starts every lora_B at zero
+    with policy.disable_adapter():
+        assert not adapter_is_identity(policy)  # not provable from a disabled adapter: no shortcut
+    with torch.no_grad():
+        next(p for n, p in policy.named_parameters() if "lora_B" in n)[0, 0] = 1e-3
+    assert not adapter_is_identity(policy)
+    assert not adapter_is_identity(tiny_model(tok, seed=1))  # no adapter at all
+    assert not adapter_is_identity(_fresh_lora(tok, use_dora=True))  # DoRA rescales even with B = 0
+
+
+def test_fresh_adapter_skips_the_reference_pass_and_trains_the_same(tok, tmp_path, monkeypatch):
+    """On a fresh LoRA adapter the policy is its adapter-off reference, so iteration 1 takes the
+    reference log-probs from the old ones: no reference pass, the same weights and metrics."""
+    cfg = small_cfg(algo="grpo", iterations=2, ppo_epochs=2, minibatch_size=8, kl_coef=0.1, eval_every=0,
+                    eval_at_start=False, lr=2e-2, ent_coef=0.5)  # the entropy bonus moves it even at 0 advantage
+    skip, rows_skip = run(cfg, _fresh_lora(tok), tok, tmp_path / "skip", eval_n=4)
+    monkeypatch.setattr(ppo, "adapter_is_identity", lambda model: False)
+    full, rows_full = run(cfg, _fresh_lora(tok), tok, tmp_path / "full", eval_n=4)
+    rows_skip, rows_full = ([r for r in rows if r["stage"] == "rl"] for rows in (rows_skip, rows_full))
+    n, mb = cfg.tasks_per_iter * cfg.group_size, cfg.minibatch_size
+    # iteration 1: old rows only (the first minibatch is scored by the update itself); iteration 2:
+    # the adapter has moved, so the reference pass is back
+    assert [r["score_sequences"] for r in rows_skip] == [n - mb, n - mb + n]
+    assert [r["score_sequences"] for r in rows_full] == [n - mb + n] * 2
+    assert rows_skip[0]["kl_ref"] == 0.0 and rows_skip[1]["kl_ref"] > 1e-6
+    for a, b in zip(skip.parameters(), full.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(rows_skip, rows_full):
+        for key in ("policy_loss", "kl_loss", "clip_frac", "approx_kl", "entropy", "kl_ref", "reward"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "grpo_step", "rloo", "given"])

@@ -51,6 +51,7 @@ from torch import nn
 
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.models import adapter_is_identity
 from rl.phases import peak_rss_gib, phase, release_memory, reset_peak_rss
 from rl.trainers.scoring import (Batch, PolicyWithValue, advantages, build_batch, count_decoder_tokens,  # noqa: F401
                                  group_major_order, group_permutation, lm_logprobs, token_counts, token_pieces)
@@ -279,9 +280,17 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
                  for e in range(cfg.ppo_epochs)]
         first_mb = perms[0][:cfg.minibatch_size] if not (cfg.uses_critic or dropout) else torch.arange(0)
         old_rows = batch.rows_of(torch.tensor(sorted(set(range(n_batch)) - set(first_mb.tolist())), dtype=torch.long))
+        # a fresh LoRA adapter (lora_B = 0) adds nothing, so the policy is its adapter-off reference
+        # bit for bit and the reference pass would recompute old_logp: share that tensor instead
+        # (the first minibatch's fill_old then fills both). In practice: every run's first iteration
+        ref_is_policy = (cfg.kl_coef > 0 and ref_policy is None
+                         and adapter_is_identity(accelerator.unwrap_model(model).policy))
         with phase("score", timing), count_decoder_tokens() as score_run:
             old_logp, old_values, ref_logp = _score(accelerator, model, ref_policy, batch, micro, cfg.uses_critic,
-                                                    cfg.kl_coef > 0, temperature, old_rows, cfg.micro_batch_tokens)
+                                                    cfg.kl_coef > 0 and not ref_is_policy, temperature, old_rows,
+                                                    cfg.micro_batch_tokens)
+            if ref_is_policy:
+                ref_logp = old_logp
             mask = batch.action_mask
             adv, returns = advantages(est_fn, batch, old_values, cfg.gamma, cfg.lam)
             if cfg.whiten_advantages and cfg.uses_critic:
@@ -358,7 +367,7 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
             "kl_ref": algos.masked_mean(kl_fn(old_logp, ref_logp), mask).item() if cfg.kl_coef > 0 else 0.0,
             "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
             "tokens_per_s": s[7] / max(update_time, 1e-9), **token_counts(batch), **timing,
-            "score_sequences": len(old_rows) + (len(mask) if cfg.kl_coef > 0 else 0),  # sequences through a forward
+            "score_sequences": len(old_rows) + (len(mask) if cfg.kl_coef > 0 and not ref_is_policy else 0),  # forwards run
             # decoder tokens actually run (real tokens minus the shared prompt prefixes encoded once)
             "score_tokens_run": int(accelerator.reduce(torch.tensor(float(score_run[0]), device=accelerator.device),
                                                        reduction="sum")),
