@@ -320,16 +320,65 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     return torch.nn.functional.pad(got, (1, 0))
 
 
+def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
+                 softcap: float | None) -> tuple[Tensor, Tensor | None]:
+    """z = softcap(head(h)) / temperature in fp32, and tanh(u / softcap) for its derivative."""
+    z = torch.nn.functional.linear(h, weight, bias).float()
+    s = None
+    if softcap:
+        s = torch.tanh(z / softcap)
+        z = softcap * s
+    return z / temperature, s
+
+
 def _head_logprobs(h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, temperature: float,
                    softcap: float | None) -> tuple[Tensor, Tensor]:
     """h (K, H), targets (K,) -> log p(target), entropy (K,) of softmax(head(h) / temperature)."""
-    z = torch.nn.functional.linear(h, weight, bias).float()
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    z = z / temperature
+    z, _ = _head_logits(h, weight, bias, temperature, softcap)
     lse = torch.logsumexp(z, -1)
     logp = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
     return logp, lse - (torch.softmax(z, -1) * z).sum(-1)
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """`_head_logprobs` with a hand-written backward that recomputes the (K, V) logits once.
+
+    Autograd through a checkpointed `_head_logprobs` recomputes the whole forward (the entropy's
+    softmax included, even when the loss has no entropy term) and then runs a backward node per
+    op (logsumexp, gather into a zero (K, V) block, softmax, the divisions), each a pass over
+    K x V floats. Here the gradient w.r.t. the logits is one expression,
+        d/dz log p(y) = onehot(y) - p,   d/dz H = -p * (z - E_p[z]),
+    so only z, p and dz are ever alive, and the entropy's part is skipped when it has no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, targets, weight, bias, temperature, softcap):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(h, targets, weight, bias)
+        ctx.temperature, ctx.softcap = temperature, softcap
+        with torch.no_grad():
+            return _head_logprobs(h, targets, weight, bias, temperature, softcap)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, targets, weight, bias = ctx.saved_tensors
+        z, s = _head_logits(h, weight, bias, ctx.temperature, ctx.softcap)
+        p = torch.softmax(z, -1)
+        dz = torch.zeros_like(z) if g_logp is None else p * -g_logp.float().unsqueeze(-1)
+        if g_logp is not None:
+            dz.scatter_add_(-1, targets.unsqueeze(-1), g_logp.float().unsqueeze(-1))
+        if g_ent is not None:
+            ez = (p * z).sum(-1, keepdim=True)
+            dz -= g_ent.float().unsqueeze(-1) * p * (z - ez)
+        del p, z
+        dz /= ctx.temperature
+        if s is not None:
+            dz *= 1 - s * s
+        du = dz.to(weight.dtype)
+        grad_h = (du @ weight).to(h.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = du.T @ h.to(weight.dtype) if ctx.needs_input_grad[2] else None
+        grad_b = du.sum(0) if bias is not None and ctx.needs_input_grad[3] else None
+        return grad_h, None, grad_w, grad_b, None, None
 
 
 def selected_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor, positions: Tensor,
@@ -342,9 +391,9 @@ def selected_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor, p
         logp[b, t] = log softmax(head(hidden[b, t-1]) / temperature)[input_ids[b, t]]
         entropy[b, t] = H(softmax(head(hidden[b, t-1]) / temperature))
     and 0 elsewhere: `token_logprobs(head(hidden) / temperature, ids)` at the positions, but the
-    head runs on at most `chunk` rows at a time and, with autograd on, each chunk is recomputed in
-    backward (activation checkpointing), so no (B, T, V) tensor and at most one (chunk, V) block
-    of logits (plus its softmax/grad temporaries) is ever alive.
+    head runs on at most `chunk` rows at a time and, with autograd on, each chunk's logits are
+    recomputed in its hand-written backward (`_HeadLogprobs`), so no (B, T, V) tensor and at most
+    one (chunk, V) block of logits (plus its softmax and gradient) is ever alive.
     """
     B, T = input_ids.shape
     pos = positions.bool().clone()
@@ -356,7 +405,7 @@ def selected_token_logprobs(hidden: Tensor, weight: Tensor, input_ids: Tensor, p
     for s in range(0, h.shape[0], chunk):
         args = (h[s:s + chunk], targets[s:s + chunk], weight, bias, temperature, softcap)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            lp, en = torch.utils.checkpoint.checkpoint(_head_logprobs, *args, use_reentrant=False)
+            lp, en = _HeadLogprobs.apply(*args)
         else:
             lp, en = _head_logprobs(*args)
         logps.append(lp)

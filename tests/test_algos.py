@@ -266,6 +266,33 @@ def test_selected_logprobs_equal_the_full_log_softmax_and_its_gradients(chunk):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_head_backward_equals_autograd_through_the_ops(softcap, with_entropy):
+    """The hand-written backward of the chunked head (`_HeadLogprobs`) gives the gradients that
+    autograd gives through `_head_logprobs`' own ops, for the hidden states, the head's weight and
+    bias, with a softcap, at a temperature, and with or without an entropy term in the loss."""
+    g = torch.Generator().manual_seed(1)
+    K, H, V = 6, 5, 13
+    h = torch.randn(K, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, requires_grad=True)
+    bias = torch.randn(V, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (K,), generator=g)
+    w_logp, w_ent = torch.randn(K, generator=g), torch.randn(K, generator=g)
+
+    def loss(fn):
+        lp, en = fn(h, targets, weight, bias, 0.7, softcap)
+        return (lp * w_logp).sum() + ((en * w_ent).sum() if with_entropy else 0)
+
+    got = torch.autograd.grad(loss(algos._HeadLogprobs.apply), (h, weight, bias))
+    want = torch.autograd.grad(loss(algos._head_logprobs), (h, weight, bias))
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+    lp, en = algos._HeadLogprobs.apply(h, targets, weight, bias, 0.7, softcap)
+    ref_lp, ref_en = algos._head_logprobs(h, targets, weight, bias, 0.7, softcap)
+    assert torch.allclose(lp, ref_lp, atol=1e-6) and torch.allclose(en, ref_en, atol=1e-6)
+
+
 def test_selected_logprobs_softcap_and_no_positions():
     hidden, weight = torch.randn(1, 4, 3), torch.randn(6, 3)
     ids = torch.tensor([[0, 1, 2, 3]])
