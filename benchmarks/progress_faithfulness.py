@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in seeds:
             for v in names:
                 run_variant(args.recipe, runs, s, v, args.overrides)
-    text = (f"# Progress estimator vs true progress on `{args.recipe}`\n\nSeeds {seeds}; validation split of each "
+    setting = f"`{args.recipe}`" + (" with " + " ".join(f"`{o}`" for o in args.overrides) if args.overrides else "")
+    text = (f"# Progress estimator vs true progress on {setting}\n\nSeeds {seeds}; validation split of each "
             f"seed's exploration; mean [95% CI] over seeds; runs in `{args.runs}`.\n\n"
             + table(runs, seeds, names))
     out = Path(args.out)
