@@ -10,7 +10,9 @@ Two measurements, each alternating the two implementations `--repeats` times (me
   step   one update micro-batch of the real model: `PolicyWithValue` forward + backward on `rows`
          right-padded rows of `length` tokens, groups of `group` rows sharing a `prefix`-token
          prompt, `actions` action tokens per row, in 3 turns (the iteration benchmark's blocks case
-         by default), and a no-grad forward of the same batch for the update's "forward passes".
+         by default), and no-grad forwards of the same batch with the adapter on and off (the KL
+         reference's pass, which is what `iteration.py` divides by when a minibatch is the whole
+         batch and so no old-log-prob pass runs), for the update's "forward passes".
 The last line prints autograd / hand-written for both; > 1 means the hand-written one is faster.
 """
 
@@ -116,9 +118,13 @@ def main(argv=None) -> None:
         with torch.no_grad():
             model(ids, attn, pos, 1.0)
 
+    def forward_ref():  # the KL reference: the same forward with the adapter off (what `score` runs)
+        with torch.no_grad(), policy.disable_adapter():
+            model(ids, attn, pos, 1.0)
+
     model.train()
-    t_step = alternate({"autograd": step(checkpointed), "hand": step(impl["apply"]), "forward": forward},
-                       args.repeats)
+    t_step = alternate({"autograd": step(checkpointed), "hand": step(impl["apply"]), "forward": forward,
+                        "forward_ref": forward_ref}, args.repeats)
 
     print(f"{args.model} + LoRA, {torch.get_num_threads()} thread(s); head: K={K} positions x V={V}, H={H}; "
           f"step: {args.rows} rows x {args.length} tokens, groups of {args.group} sharing {args.prefix}, "
@@ -128,6 +134,8 @@ def main(argv=None) -> None:
     print(f"{'micro-batch fwd+bwd, s':<28} {t_step['autograd']:>24.3f} {t_step['hand']:>22.3f}")
     print(f"{'  in forward passes':<28} {t_step['autograd'] / t_step['forward']:>24.2f} "
           f"{t_step['hand'] / t_step['forward']:>22.2f}   (no-grad forward {t_step['forward']:.3f} s)")
+    print(f"{'  in adapter-off forwards':<28} {t_step['autograd'] / t_step['forward_ref']:>24.2f} "
+          f"{t_step['hand'] / t_step['forward_ref']:>22.2f}   (no-grad forward, adapter off, {t_step['forward_ref']:.3f} s)")
     print(f"autograd / hand-written: head {t_head['autograd'] / t_head['hand']:.2f}x, "
           f"micro-batch {t_step['autograd'] / t_step['hand']:.2f}x")
 
