@@ -19,10 +19,12 @@ The last line prints autograd / hand-written for both; > 1 means the hand-writte
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -101,16 +103,13 @@ def main(argv=None) -> None:
                        args.repeats)
 
     ids, attn, pos = synthetic_batch(args.rows, args.length, args.group, args.prefix, args.actions, V)
-    impl = {"apply": algos._HeadLogprobs.apply}
 
-    def step(fn):
+    def step(fn=None):
+        """One micro-batch forward + backward; `fn` replaces the head's autograd Function for it."""
         def run():
-            algos._HeadLogprobs.apply = fn  # selected_token_logprobs looks it up at call time
-            try:
-                logp, _, _ = model(ids, attn, pos, 1.0)
+            with mock.patch.object(algos._HeadLogprobs, "apply", fn) if fn else contextlib.nullcontext():
+                logp, _, _ = model(ids, attn, pos, 1.0)  # selected_token_logprobs looks `apply` up per call
                 logp.sum().backward()
-            finally:
-                algos._HeadLogprobs.apply = impl["apply"]
             model.zero_grad(set_to_none=True)
         return run
 
@@ -123,7 +122,7 @@ def main(argv=None) -> None:
             model(ids, attn, pos, 1.0)
 
     model.train()
-    t_step = alternate({"autograd": step(checkpointed), "hand": step(impl["apply"]), "forward": forward,
+    t_step = alternate({"autograd": step(checkpointed), "hand": step(), "forward": forward,
                         "forward_ref": forward_ref}, args.repeats)
 
     print(f"{args.model} + LoRA, {torch.get_num_threads()} thread(s); head: K={K} positions x V={V}, H={H}; "

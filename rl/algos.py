@@ -348,7 +348,8 @@ class _HeadLogprobs(torch.autograd.Function):
     op (logsumexp, gather into a zero (K, V) block, softmax, the divisions), each a pass over
     K x V floats. Here the gradient w.r.t. the logits is one expression,
         d/dz log p(y) = onehot(y) - p,   d/dz H = -p * (z - E_p[z]),
-    so only z, p and dz are ever alive, and the entropy's part is skipped when it has no gradient.
+    so backward holds z, p, dz and the entropy term's temporaries (a few (K, V) blocks), and the
+    entropy's part is skipped when it has no gradient.
     """
 
     @staticmethod
@@ -356,16 +357,17 @@ class _HeadLogprobs(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(h, targets, weight, bias)
         ctx.temperature, ctx.softcap = temperature, softcap
-        with torch.no_grad():
-            return _head_logprobs(h, targets, weight, bias, temperature, softcap)
+        return _head_logprobs(h, targets, weight, bias, temperature, softcap)  # autograd is off in here
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         h, targets, weight, bias = ctx.saved_tensors
         z, s = _head_logits(h, weight, bias, ctx.temperature, ctx.softcap)
         p = torch.softmax(z, -1)
-        dz = torch.zeros_like(z) if g_logp is None else p * -g_logp.float().unsqueeze(-1)
-        if g_logp is not None:
+        if g_logp is None:
+            dz = torch.zeros_like(z)
+        else:
+            dz = p * -g_logp.float().unsqueeze(-1)
             dz.scatter_add_(-1, targets.unsqueeze(-1), g_logp.float().unsqueeze(-1))
         if g_ent is not None:
             ez = (p * z).sum(-1, keepdim=True)
