@@ -66,6 +66,7 @@ class ModelConfig:
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # peft targets
+    fused_lora: bool = True  # plain LoRA linears as one autograd Function (rl.fused_lora); same gradients
     tiny_hidden: int = 64  # hidden size of the built-in tiny model
     tiny_layers: int = 2  # decoder layers of the built-in tiny model
     tiny_heads: int = 4  # attention heads of the built-in tiny model
@@ -234,6 +235,10 @@ def load_model(cfg: ModelConfig, tokenizer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = get_peft_model(model, lcfg)
+        if cfg.fused_lora:
+            from rl import fused_lora
+
+            fused_lora.install(model)
     return model
 
 
