@@ -27,9 +27,8 @@ def test_recipe_loads(path):
         assert n % cfg.rl.minibatch_size == 0
     if cfg.credit.mode == "spa" and "rl" in cfg.stages:
         assert "progress" in cfg.stages
-    # the quickstarts and the two CPU real-LM recipes use step-level group advantages over SPA
-    # rewards (see their comments)
-    quick = path.stem in ("quickstart", "textworld_cpu", "scienceworld_cpu") or path.stem.endswith("_quickstart")
+    # the quickstarts and the CPU real-LM recipes use group advantages (see their comments)
+    quick = path.stem in ("quickstart", "textworld_cpu", "scienceworld_cpu", "blocks_cpu") or path.stem.endswith("_quickstart")
     expected_algo = "grpo" if path.stem.endswith("_grpo") or quick else "ppo"
     if "rl" in cfg.stages:
         assert cfg.rl.algo == expected_algo
