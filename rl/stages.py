@@ -72,7 +72,7 @@ def run_sft(ctx) -> dict:
     tokenizer = load_tokenizer(cfg.model.path or cfg.model.name)
     model = load_model(seeded(cfg.model, cfg.seed), tokenizer)
     model = train_sft(seeded(cfg.sft, cfg.seed), model, tokenizer, demos, out / "model", accelerator=ctx.accelerator,
-                      log_fn=_log_fn(ctx, "sft"))
+                      log_fn=_log_fn(ctx, "sft"), history_turns=cfg.rollout.history_turns)
     return {}
 
 

@@ -14,7 +14,7 @@ import torch
 from rl.models import ModelConfig, load_model, load_tokenizer, tiny_model
 from rl.trainers.sft import (IGNORE_INDEX, SFTConfig, action_nll, fit_examples, masked_token_nll, sft_examples,
                              train_sft)
-from rl.trajectory import Step, Trajectory, encode_conversation
+from rl.trajectory import Step, Trajectory, encode_conversation, tokenize_windows
 
 SYSTEM = "You are an agent in a grid of rooms."
 
@@ -52,6 +52,25 @@ def test_truncation_keeps_whole_steps_and_rejects_empty(tok):
     assert tok.decode([lab for lab in cut["labels"] if lab != IGNORE_INDEX]) == "take key<|im_end|>"
     with pytest.raises(ValueError, match="max_length=5"):
         sft_examples(tok, DEMOS, max_length=5)
+
+
+def test_history_window_clones_each_action_in_its_rollout_context(tok):
+    """With rollout.history_turns = k the policy acts on windowed prompts: SFT rows are the RL
+    trainer's windowed sequences (tokenize_windows) and each action is labelled exactly once."""
+    long = demo(3, [(f"Room {i}.", f"go {d}") for i, d in enumerate(["north", "east", "south", "west", "north"])])
+    rows = sft_examples(tok, [long], max_length=512, history_turns=1)
+    # k = 1: steps 0-1 share the full prompt, then every step starts its own window
+    assert len(rows) == 4
+    views = [v for v, _ in tokenize_windows(tok, long, 1, 512)]
+    assert [r["input_ids"] for r in rows] == [v.input_ids for v in views]
+    kept = [tok.decode([lab for lab in r["labels"] if lab != IGNORE_INDEX]) for r in rows]
+    assert kept == ["go north<|im_end|>go east<|im_end|>", "go south<|im_end|>", "go west<|im_end|>",
+                    "go north<|im_end|>"]
+    # the last row's prompt is the rollout's at step 4: first observation, then action 3 and observation 4
+    text = tok.decode(rows[-1]["input_ids"])
+    assert "Room 0." in text and "go west" in text and "Room 4." in text
+    assert "Room 1." not in text and "Room 3." not in text
+    assert sft_examples(tok, [long], 512, history_turns=0) == sft_examples(tok, [long], 512)
 
 
 def test_masked_token_nll_hand_computed():

@@ -44,7 +44,7 @@ from typing import Callable, Sequence
 import torch
 
 from rl.models import adapter_base_missing
-from rl.trajectory import Trajectory, tokenize_trajectory, validate_trajectory
+from rl.trajectory import Trajectory, tokenize_windows, validate_trajectory
 
 IGNORE_INDEX = -100  # label of tokens outside the loss (transformers' convention)
 LogFn = Callable[[dict[str, float], int], None]  # log_fn(metrics, step)
@@ -80,17 +80,21 @@ def masked_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return -(token_logp * keep).sum() / keep.sum().clamp(min=1)
 
 
-def sft_examples(tokenizer, trajs: Sequence[Trajectory], max_length: int) -> list[dict[str, list[int]]]:
-    """One {"input_ids", "labels"} row per trajectory; labels are input_ids on action tokens and
-    IGNORE_INDEX elsewhere. Trajectories left with no whole step after truncation are dropped."""
+def sft_examples(tokenizer, trajs: Sequence[Trajectory], max_length: int,
+                 history_turns: int = 0) -> list[dict[str, list[int]]]:
+    """{"input_ids", "labels"} rows; labels are input_ids on action tokens and IGNORE_INDEX
+    elsewhere. One row per trajectory, or with `history_turns` = k > 0 one per block of steps of
+    the rollout's history window (`tokenize_windows`): each action is cloned in the context the
+    policy will see when it acts, the same sequences the RL trainer scores. Rows left with no
+    whole step after truncation are dropped."""
     rows = []
     for traj in trajs:
         validate_trajectory(traj)
-        view = tokenize_trajectory(tokenizer, traj, max_length)
-        if view.num_steps == 0:
-            continue
-        labels = [t if m else IGNORE_INDEX for t, m in zip(view.input_ids, view.action_mask)]
-        rows.append({"input_ids": view.input_ids, "labels": labels})
+        for view, _ in tokenize_windows(tokenizer, traj, history_turns, max_length):
+            if view.num_steps == 0:
+                continue
+            labels = [t if m else IGNORE_INDEX for t, m in zip(view.input_ids, view.action_mask)]
+            rows.append({"input_ids": view.input_ids, "labels": labels})
     if not rows:
         raise ValueError(f"sft: no trajectory has a step that fits in max_length={max_length} tokens")
     return rows
@@ -209,9 +213,10 @@ def fit_examples(cfg: SFTConfig, model, tokenizer, rows: list[dict], out_dir: st
 
 
 def train_sft(cfg: SFTConfig, model, tokenizer, trajs: Sequence[Trajectory], out_dir: str | Path | None,
-              accelerator=None, log_fn: LogFn | None = None):
+              accelerator=None, log_fn: LogFn | None = None, history_turns: int = 0):
     """Behaviour-clone `trajs` into `model` (full or peft); returns the trained model and writes it
-    with the tokenizer to `out_dir` (skipped when None). Metrics: sft/loss, sft/grad_norm,
+    with the tokenizer to `out_dir` (skipped when None). `history_turns`: the rollout's history
+    window (see `sft_examples`), so SFT trains on the prompts the policy is later given. Metrics: sft/loss, sft/grad_norm,
     sft/learning_rate, sft/mean_token_accuracy, sft/entropy at each logged optimizer step, and
     sft/train_loss (mean over the stage), sft/train_runtime at the end."""
     check_common(cfg, "sft")
@@ -219,7 +224,7 @@ def train_sft(cfg: SFTConfig, model, tokenizer, trajs: Sequence[Trajectory], out
         trajs = [t for t in trajs if t.success]
     if not trajs:
         raise ValueError("sft: no trajectories to clone" + (" (only_successful=True)" if cfg.only_successful else ""))
-    rows = sft_examples(tokenizer, trajs, cfg.max_length)
+    rows = sft_examples(tokenizer, trajs, cfg.max_length, history_turns)
     bf16 = accelerator is not None and accelerator.mixed_precision == "bf16"
     return fit_examples(cfg, model, tokenizer, rows, out_dir, bf16=bf16, log_fn=log_fn)
 
