@@ -14,7 +14,7 @@ import torch
 from rl.models import ModelConfig, load_model, load_tokenizer, tiny_model
 from rl.trainers.sft import (IGNORE_INDEX, SFTConfig, action_nll, fit_examples, masked_token_nll, sft_examples,
                              train_sft)
-from rl.trajectory import Step, Trajectory, encode_conversation, tokenize_windows
+from rl.trajectory import Step, Trajectory, encode_conversation, tokenize_trajectory, tokenize_windows
 
 SYSTEM = "You are an agent in a grid of rooms."
 
@@ -70,7 +70,9 @@ def test_history_window_clones_each_action_in_its_rollout_context(tok):
     text = tok.decode(rows[-1]["input_ids"])
     assert "Room 0." in text and "go west" in text and "Room 4." in text
     assert "Room 1." not in text and "Room 3." not in text
-    assert sft_examples(tok, [long], 512, history_turns=0) == sft_examples(tok, [long], 512)
+    # k = 0 (no window): one row, the whole trajectory's view
+    whole = tokenize_trajectory(tok, long, 512)
+    assert [r["input_ids"] for r in sft_examples(tok, [long], 512, history_turns=0)] == [whole.input_ids]
 
 
 def test_masked_token_nll_hand_computed():

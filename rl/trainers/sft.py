@@ -216,9 +216,9 @@ def train_sft(cfg: SFTConfig, model, tokenizer, trajs: Sequence[Trajectory], out
               accelerator=None, log_fn: LogFn | None = None, history_turns: int = 0):
     """Behaviour-clone `trajs` into `model` (full or peft); returns the trained model and writes it
     with the tokenizer to `out_dir` (skipped when None). `history_turns`: the rollout's history
-    window (see `sft_examples`), so SFT trains on the prompts the policy is later given. Metrics: sft/loss, sft/grad_norm,
-    sft/learning_rate, sft/mean_token_accuracy, sft/entropy at each logged optimizer step, and
-    sft/train_loss (mean over the stage), sft/train_runtime at the end."""
+    window (see `sft_examples`), so SFT trains on the prompts the policy is later given.
+    Metrics: sft/loss, sft/grad_norm, sft/learning_rate, sft/mean_token_accuracy, sft/entropy at
+    each logged optimizer step, and sft/train_loss (mean over the stage), sft/train_runtime at the end."""
     check_common(cfg, "sft")
     if cfg.only_successful:
         trajs = [t for t in trajs if t.success]
