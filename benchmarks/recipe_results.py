@@ -9,7 +9,8 @@ Each RUN_DIR is read as the pipeline leaves it:
     eval/results.json  {"sft": metrics, "<final>": metrics}: the last entry is the final policy
                        (rl, dpo, or sft itself when no later stage ran); success is
                        eval/success_rate on env.eval_split
-    timing.json        wall seconds per finished stage (rl.train writes it); wall time is their sum
+    timing.json        wall seconds per finished stage, interrupted attempts included (rl.train writes
+                       it); wall time is their sum
     eval/trajectories_<label>   the held-out episodes of each evaluated policy (read by --flips)
 
 The change is final - SFT in points of success rate (same seed, same held-out games), and its CI
@@ -68,7 +69,8 @@ def read_run(run_dir: Path) -> RunResult:
     final_label = list(results)[-1]
     sft = results["sft"]["eval/success_rate"] if "sft" in results else None
     timing_path = run_dir / "timing.json"
-    stage_s = {k: float(v["wall_s"]) for k, v in json.loads(timing_path.read_text()).items()} if timing_path.exists() else {}
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    stage_s = {k: float(v["wall_s"]) for k, v in timing.items() if "wall_s" in v}  # not a stage still running
     seed = int(cfg.get("seed", 0))
     return RunResult(recipe=recipe_name(str(cfg.get("name", run_dir.name)), seed), seed=seed,
                      split=str(cfg.get("env", {}).get("eval_split", "test")), sft=sft,

@@ -162,19 +162,78 @@ def evaluation_tasks(cfg: RunConfig, ctx: Context) -> list[str]:
     return ctx.tasks[cfg.env.eval_split]
 
 
-def write_stage_time(run_dir: Path, stage: str, wall_s: float) -> Path:
-    """Record a finished stage's wall seconds in run_dir/timing.json, {stage: {"wall_s",
-    "finished_utc"}}, merged across invocations: a stage run again replaces its entry, a stage
-    skipped on resume keeps it (temp file + rename, as provenance.json). The time an interrupted
-    stage spent before the kill is not counted, only the invocation that finishes it."""
-    path = Path(run_dir) / "timing.json"
-    timing = json.loads(path.read_text()) if path.exists() else {}
-    timing[stage] = {"wall_s": round(wall_s, 1), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def _read_timing(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write_timing(path: Path, timing: dict) -> None:
     timing = {s: timing[s] for s in STAGE_ORDER if s in timing}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(timing, indent=2) + "\n")
     tmp.replace(path)
+
+
+def write_stage_time(run_dir: Path, stage: str, wall_s: float, earlier_attempts_s: list[float] = ()) -> Path:
+    """Record a finished stage in run_dir/timing.json, {stage: {"wall_s", "finished_utc"}}, merged
+    across invocations (temp file + rename, as provenance.json): a stage run again replaces its
+    entry, a stage skipped on resume keeps it. `earlier_attempts_s` are the seconds of attempts that
+    were interrupted before this one finished the stage (StageClock): they are added to wall_s, so
+    wall_s is what the stage cost, redone work included, and "attempts_s" lists each attempt."""
+    path = Path(run_dir) / "timing.json"
+    timing = _read_timing(path)
+    attempts = [round(float(a), 1) for a in earlier_attempts_s] + [round(wall_s, 1)]
+    entry = {"wall_s": round(sum(attempts), 1), "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if len(attempts) > 1:
+        entry["attempts_s"] = attempts
+    timing[stage] = entry
+    _write_timing(path, timing)
     return path
+
+
+class StageClock:
+    """Times one attempt at a stage so that a kill loses none of it: while the stage runs, its
+    timing.json entry holds {"running_s": seconds so far, refreshed every `beat_s`, "attempts_s":
+    earlier interrupted attempts}. The next attempt (resume=true, or the stage simply run again)
+    finds that entry unfinished and carries its seconds forward; `finish` writes the finished entry
+    with every attempt counted. A finished entry starts a new count. Resolution: `beat_s`."""
+
+    def __init__(self, run_dir: Path, stage: str, beat_s: float = 30.0):
+        import threading
+
+        self.path, self.stage, self.beat_s = Path(run_dir) / "timing.json", stage, beat_s
+        prev = _read_timing(self.path).get(stage, {})
+        self.earlier: list[float] = (list(prev.get("attempts_s", [])) + [float(prev["running_s"])]
+                                     if "running_s" in prev else [])
+        self.start = time.time()
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._beat()
+        self._thread = threading.Thread(target=self._run, name=f"stage-clock-{stage}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            timing = _read_timing(self.path)
+            timing[self.stage] = {"running_s": round(time.time() - self.start, 1), "attempts_s": self.earlier}
+            _write_timing(self.path, timing)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            self._beat()
+
+    def finish(self) -> Path:
+        with self._lock:
+            self._stop.set()
+        self._thread.join()
+        return write_stage_time(self.path.parent, self.stage, time.time() - self.start, self.earlier)
+
+    def abandon(self) -> None:
+        """The attempt failed: leave its seconds as an unfinished entry for the next attempt."""
+        self._beat()
+        with self._lock:
+            self._stop.set()
+        self._thread.join()
 
 
 def run(cfg: RunConfig) -> dict[str, float]:
@@ -197,15 +256,20 @@ def run(cfg: RunConfig) -> dict[str, float]:
                 ctx.accelerator.print(f"[{stage}] already done, skipped (resume=true)")
                 continue
             ctx.accelerator.print(f"[{stage}] starting")
-            start = time.time()
-            out = getattr(stage_fns, f"run_{stage}")(ctx)
+            clock = StageClock(ctx.run_dir, stage) if ctx.accelerator.is_main_process else None
+            try:
+                out = getattr(stage_fns, f"run_{stage}")(ctx)
+            except BaseException:
+                if clock is not None:
+                    clock.abandon()
+                raise
             if isinstance(out, dict):
                 results.update(out)
             ctx.accelerator.wait_for_everyone()
-            if ctx.accelerator.is_main_process:
+            if clock is not None:
                 done_marker.parent.mkdir(parents=True, exist_ok=True)
                 done_marker.write_text("done\n")
-                write_stage_time(ctx.run_dir, stage, time.time() - start)
+                clock.finish()
         if ctx.accelerator.is_main_process:
             from rl.report import write_report
 

@@ -49,6 +49,8 @@ def test_every_stage_runs_and_writes_its_artifacts(tmp_path, capsys):
     (entry,) = json.loads((run_dir / "provenance.json").read_text())  # what produced the run (test_provenance.py)
     assert entry["stages"] == ["sft", "explore", "progress", "rl", "eval"] and entry["device"]["num_processes"] == 1
     assert "provenance.json" in (run_dir / "report.html").read_text()
+    timing = json.loads((run_dir / "timing.json").read_text())  # every stage finished, none left "running"
+    assert list(timing) == entry["stages"] and all(set(t) == {"wall_s", "finished_utc"} for t in timing.values())
     rows = _metrics(run_dir)
     stages = {r["stage"] for r in rows}
     assert {"sft", "explore", "progress", "rl", "eval"} <= stages

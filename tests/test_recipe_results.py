@@ -4,12 +4,13 @@ wall times rl.train records in runs/<name>/timing.json."""
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rl.train import write_stage_time
+from rl.train import StageClock, write_stage_time
 
 ROOT = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("recipe_results", ROOT / "benchmarks" / "recipe_results.py")
@@ -86,6 +87,39 @@ def test_stage_times_merge_across_invocations(tmp_path):
     timing = json.loads((tmp_path / "timing.json").read_text())
     assert {k: v["wall_s"] for k, v in timing.items()} == {"sft": 5.0, "rl": 20.0}
     assert not (tmp_path / "timing.json.tmp").exists()
+
+
+def test_stage_clock_counts_an_interrupted_attempt(tmp_path):
+    """A killed attempt's seconds survive in timing.json (heartbeat) and are added when a later
+    attempt finishes the stage; recipe_results reads only finished entries."""
+    first = StageClock(tmp_path, "rl", beat_s=0.05)
+    first.start -= 100.0  # as if the attempt had run 100 s
+    time.sleep(0.3)
+    first._stop.set()  # killed: no finish(), the last heartbeat is all that is left
+    first._thread.join()
+    running = json.loads((tmp_path / "timing.json").read_text())["rl"]
+    assert "wall_s" not in running and 100.0 <= running["running_s"] < 101.0
+    write_stage_time(tmp_path, "sft", 7.0)
+    assert rr_stage_s(tmp_path) == {"sft": 7.0}  # the unfinished rl entry is not a stage time
+    second = StageClock(tmp_path, "rl", beat_s=60)
+    assert second.earlier == [running["running_s"]]
+    second.start -= 20.0
+    second.finish()
+    rl = json.loads((tmp_path / "timing.json").read_text())["rl"]
+    assert rl["attempts_s"][0] == running["running_s"] and 20.0 <= rl["attempts_s"][1] < 21.0
+    assert rl["wall_s"] == pytest.approx(sum(rl["attempts_s"]), abs=0.11)
+    third = StageClock(tmp_path, "rl", beat_s=60)  # run again after it finished: a new count
+    assert third.earlier == []
+    third.abandon()  # a failed attempt leaves its seconds for the next one
+    assert json.loads((tmp_path / "timing.json").read_text())["rl"]["attempts_s"] == []
+    assert StageClock(tmp_path, "rl", beat_s=60).earlier[0] < 1.0
+
+
+def rr_stage_s(run: Path) -> dict:
+    (run / "config.yaml").write_text("name: x_s0\nseed: 0\n")
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "results.json").write_text(json.dumps({"rl": {"eval/success_rate": 0.5}}))
+    return rr.read_run(run).stage_s
 
 
 def _save_episodes(run: Path, label: str, won: dict[str, bool]) -> None:
