@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 from rl.config import ConfigError, dump_yaml, load_config, to_dict
 from rl.credit import CreditConfig, ProgressConfig
@@ -173,7 +173,7 @@ def _write_timing(path: Path, timing: dict) -> None:
     tmp.replace(path)
 
 
-def write_stage_time(run_dir: Path, stage: str, wall_s: float, earlier_attempts_s: list[float] = ()) -> Path:
+def write_stage_time(run_dir: Path, stage: str, wall_s: float, earlier_attempts_s: Sequence[float] = ()) -> Path:
     """Record a finished stage in run_dir/timing.json, {stage: {"wall_s", "finished_utc"}}, merged
     across invocations (temp file + rename, as provenance.json): a stage run again replaces its
     entry, a stage skipped on resume keeps it. `earlier_attempts_s` are the seconds of attempts that
@@ -222,18 +222,19 @@ class StageClock:
         while not self._stop.wait(self.beat_s):
             self._beat()
 
-    def finish(self) -> Path:
-        with self._lock:
+    def _stop_beating(self) -> None:
+        with self._lock:  # a beat in progress completes first, none starts after
             self._stop.set()
         self._thread.join()
+
+    def finish(self) -> Path:
+        self._stop_beating()
         return write_stage_time(self.path.parent, self.stage, time.time() - self.start, self.earlier)
 
     def abandon(self) -> None:
         """The attempt failed: leave its seconds as an unfinished entry for the next attempt."""
         self._beat()
-        with self._lock:
-            self._stop.set()
-        self._thread.join()
+        self._stop_beating()
 
 
 def run(cfg: RunConfig) -> dict[str, float]:
