@@ -29,8 +29,10 @@ x100) and is negative (-1) when the task has failed (e.g. focusing on the wrong 
 own sub-goal count, so the increments are ground-truth credit. The episode ends on failure, on
 completion, or after `max_steps`.
 
-Expert: the engine's gold path, replayed once on the loaded world to cut it at the win and to
-drop the few commands the engine's own parser refuses (see `_replayed_gold`). Its no-op steps
+Expert: the engine's gold path, replayed once on the loaded world to drop the few commands the
+engine's own parser refuses (see `_replayed_gold`). It is not cut at the win: the step that
+completes a task differs between loads of one variation (see `_replayed_gold`), and callers stop
+at `done` anyway. Its no-op steps
 stay: under "easy" "open door to X" only answers "The door is already open.", but each still
 advances the clock, and dropping them shifts the life-cycle timing enough to lose
 identify-life-stages-1/2.
@@ -291,8 +293,8 @@ class ScienceWorldTextEnv:
         return obs.strip(), info["score"] - before, done, info
 
     def expert_actions(self, task: str) -> list[str]:
-        """ScienceWorld's gold path for `task`, cut at the win and without the steps the
-        engine's own parser rejects. Generating it reloads the engine: an episode that has not
+        """ScienceWorld's gold path for `task`, without the steps the engine's own parser
+        rejects; play it until `done`, as steps may follow the win. Generating it reloads the engine: an episode that has not
         taken a step yet is reset again (so reset-then-expert works), a later one ends."""
         if task not in self._gold:
             name, variation = self._check_task(task)
@@ -311,7 +313,12 @@ class ScienceWorldTextEnv:
         path, e.g. "move seed pea seed on seed jar containing pea seed to ceramic cup", and the
         "0" answering it). A refused command does nothing and takes no time, so dropping it
         leaves the rest of the path valid; one refused while an ambiguity prompt is pending
-        also cancels that prompt, so the prompting command goes too."""
+        also cancels that prompt, so the prompting command goes too.
+
+        The whole path is kept, past the step where this load completed the task: which step
+        completes it varies between loads. On power-component-renewable-vs-nonrenewable-energy
+        the last `connect` lit the bulb at once on one load (CI's), so a path cut there lost its
+        closing `wait1`, which the next load needed to win (0.58, not done)."""
         server = self._sw.server
         kept: list[str] = []
         pending = False
@@ -322,8 +329,6 @@ class ScienceWorldTextEnv:
             elif pending:
                 kept.pop()
             pending = obs.startswith(_AMBIGUOUS)
-            if server.getCompleted():
-                break
         return kept
 
     def close(self) -> None:

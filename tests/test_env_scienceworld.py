@@ -223,7 +223,8 @@ def _replay_first_train_variations(names):
                     refused.append((action, obs[:60]))
                 if done:
                     break
-            ending = {"steps": f"{len(steps)} of {len(expert)}", "score": info.get("raw_score"), "last": steps[-3:]}
+            ending = {"steps": f"{len(steps)} of {len(expert)}", "score": info.get("raw_score"), "last": steps[-3:],
+                      "past_win": len(expert) - len(steps)}
             results.append((task, done and info["won"], refused, ending))
         return results
     finally:
@@ -242,10 +243,13 @@ def test_gold_path_of_every_task_wins_with_every_action_valid():
     with ThreadPoolExecutor(2) as pool:
         results = [r for part in pool.map(_replay_first_train_variations, halves) for r in part]
     assert sorted(split_task_id(t)[0] for t, *_ in results) == names
-    # how a lost replay ended goes into the failure message: one lost on a loaded machine
-    # (power-component-renewable-vs-nonrenewable-energy, once) did not recur in 75 replays on 66 loads
-    # of that task alone, nor in 3 replays of this half, all beside two training runs
+    # how a lost replay ended goes into the failure message. power-component-renewable-vs-nonrenewable-
+    # energy lost twice (once in CI, "23 of 23", 0.58): the load that made its path completed the
+    # task one step early, and the path was then cut there, without the closing wait1
     assert {t: ending for t, won, _, ending in results if not won} == {}
+    # so the path is no longer cut at the win: these tasks' gold agents measure the result after it
+    past_win = {split_task_id(t)[0] for t, _, _, ending in results if ending["past_win"] > 0}
+    assert {"boil", "freeze", "change-the-state-of-matter-of"} <= past_win
     refused = {t: r for t, _, r, _ in results if r}
     for task, actions in list(refused.items()):
         if len(actions) <= UNREPRODUCIBLE.get(split_task_id(task)[0], 0):
