@@ -31,6 +31,21 @@ def test_terminal_puts_R_on_last_step():
     assert approx(got, [[0, 0, 1.0], [0.0], [0, 0.3]])
 
 
+def test_terminal_invalid_penalty_hand_computed():
+    t = traj(0, 1.0, valid=[False, True, False])
+    got = step_rewards([t, traj(1, 0.5, actions=("x",))], CreditConfig(mode="terminal", invalid_penalty=0.1))
+    assert approx(got, [[-0.1, 0.0, 1.0 - 0.1], [0.5]])
+    assert approx(step_rewards([t], CreditConfig(mode="terminal")), [[0, 0, 1.0]])  # off by default
+
+
+def test_invalid_penalty_bad_values_and_modes_fail_early():
+    for bad in (-0.1, math.nan):
+        with pytest.raises(ValueError, match="credit.invalid_penalty=.*must be a number >= 0"):
+            CreditConfig(mode="terminal", invalid_penalty=bad).validate()
+    with pytest.raises(ValueError, match="credit.mode='terminal' only .*credit.beta"):
+        CreditConfig(mode="spa", invalid_penalty=0.1).validate()
+
+
 def test_spa_hand_computed():
     t = traj(0, 1.0, valid=[True, False, True], progress=[0.2, -0.1, 0.9])
     got = step_rewards([t], CreditConfig(mode="spa", alpha=2.0, beta=0.5))

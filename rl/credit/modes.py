@@ -4,7 +4,7 @@ Notation: trajectory i has steps t = 0..T_i (T_i = its last step), outcome R_i (
 score), validity g_{i,t} = 1 if step t's action was executable else 0, group id k(i) (rollouts of
 the same task in one batch share it).
 
-    terminal  r_t = R·[t = T]                                     (sparse, delayed reward)
+    terminal  r_t = R·[t = T] - p·(1 - g_t)        (sparse, delayed reward; p = invalid_penalty, 0 by default)
     spa       r_t = alpha·c_t + beta·g_t (+ R·[t = T] with spa_add_outcome)   c_t: estimated progress
     mc        r_t = G_t = sum_{k>=t} gamma^(k-t) u_k,  u_k = R·[k = T] (+ env reward of step k): a
               return, for heat-maps and analysis; the RL stage refuses it (its estimators sum
@@ -43,6 +43,9 @@ class CreditConfig:
     # stay below the outcome scale, or walking around validly pays more than finishing the task.
     beta: float = 0.1
     spa_add_outcome: bool = False  # spa: also add R at the last step (c_t already sums to ~R)
+    # terminal: subtracted at every step whose action the env refused. The grounding signal without
+    # an estimator; a penalty, not a bonus, so that a longer episode is not paid more.
+    invalid_penalty: float = 0.0
     gamma: float = 1.0  # mc / gigpo: discount of the per-step return G_t
     mc_env_rewards: bool = False  # mc / gigpo: add env step rewards to u_k (off: R already is the final score)
     gigpo_step_weight: float = 1.0  # gigpo: w in A = A^E + w·A^S
@@ -55,6 +58,11 @@ class CreditConfig:
             raise ValueError(f"credit.mode={self.mode!r}; choose one of {sorted(CREDIT_MODES)}")
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"credit.gamma={self.gamma}: must lie in [0, 1]")
+        if not (math.isfinite(self.invalid_penalty) and self.invalid_penalty >= 0.0):
+            raise ValueError(f"credit.invalid_penalty={self.invalid_penalty}: must be a number >= 0")
+        if self.invalid_penalty and self.mode != "terminal":
+            raise ValueError(f"credit.invalid_penalty is used by credit.mode='terminal' only (here {self.mode!r}; "
+                             "spa's grounding term is credit.beta)")
         if self.mode == "prm" and self.prm_scorer and ":" not in self.prm_scorer:
             raise ValueError(f"credit.prm_scorer={self.prm_scorer!r}: expected 'package.module:function'")
 
@@ -68,6 +76,11 @@ def terminal_credit(num_steps: int, outcome: float) -> np.ndarray:
     r = np.zeros(num_steps)
     r[-1] = outcome
     return r
+
+
+def invalid_step_penalty(valid: np.ndarray, penalty: float) -> np.ndarray:
+    """-p·(1 - g_t): valid g (S,) in {0, 1} -> (S,), -p at each refused action, 0 elsewhere."""
+    return -penalty * (1.0 - np.asarray(valid, dtype=float))
 
 
 def spa_credit(progress: np.ndarray, valid: np.ndarray, outcome: float, alpha: float, beta: float,
@@ -171,12 +184,17 @@ def _progress_of(traj: Trajectory) -> np.ndarray:
     return c
 
 
+def _valid(traj: Trajectory) -> np.ndarray:
+    return np.array([float(s.valid) for s in traj.steps])
+
+
 def _terminal(trajs, cfg, scorer):
-    return [terminal_credit(t.num_steps, float(t.outcome)) for t in trajs]
+    return [terminal_credit(t.num_steps, float(t.outcome)) + invalid_step_penalty(_valid(t), cfg.invalid_penalty)
+            for t in trajs]
 
 
 def _spa(trajs, cfg, scorer):
-    return [spa_credit(_progress_of(t), np.array([float(s.valid) for s in t.steps]), float(t.outcome),
+    return [spa_credit(_progress_of(t), _valid(t), float(t.outcome),
                        cfg.alpha, cfg.beta, cfg.spa_add_outcome) for t in trajs]
 
 
