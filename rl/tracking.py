@@ -83,7 +83,13 @@ class Tracker:
 
 
 def read_metrics(run_dir, stage: str | None = None) -> list[dict[str, Any]]:
-    """Rows of run_dir/metrics.jsonl, optionally of one stage."""
+    """Rows of run_dir/metrics.jsonl, optionally of one stage, with each step's latest row only.
+
+    metrics.jsonl is append-only, so a run killed after its last checkpoint leaves rows for steps
+    that the resumed run (or a stage run again) logs a second time. Of the rows sharing stage, step
+    and metric names the last one is kept, where it stands in the file; the rest are the killed
+    attempt's and are dropped.
+    """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -93,4 +99,6 @@ def read_metrics(run_dir, stage: str | None = None) -> list[dict[str, Any]]:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
             continue  # a line cut short by a killed run; the rest of the file is good
-    return [r for r in rows if stage is None or r.get("stage") == stage]
+    rows = [r for r in rows if stage is None or r.get("stage") == stage]
+    last = {(r.get("stage"), r.get("step"), frozenset(r)): i for i, r in enumerate(rows)}
+    return [r for i, r in enumerate(rows) if last[(r.get("stage"), r.get("step"), frozenset(r))] == i]

@@ -86,6 +86,11 @@ def test_resume_reproduces_uninterrupted_metrics(warm_model, tok, tmp_path):
     _, full = run(cfg, copy.deepcopy(warm_model), tok, tmp_path / "full", eval_n=8)
     _, first = run(small_cfg(iterations=2, save_every=1, eval_every=0, eval_at_start=False),
                    copy.deepcopy(warm_model), tok, tmp_path / "cut", eval_n=8)
+    # the attempt was killed after logging an iteration it had not checkpointed: the resumed run
+    # logs step 3 again, and read_metrics keeps only that later row
+    rl_rows = [r for r in first if r["stage"] == "rl"]
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**rl_rows[-1], "step": 3, "policy_loss": 1e9}) + "\n")
     # a different starting model: everything must come from the checkpoint
     _, resumed = run(cfg, tiny_model(tok, seed=5), tok, tmp_path / "cut", resume=True, eval_n=8)
     rl_full = [r for r in full if r["stage"] == "rl"]
