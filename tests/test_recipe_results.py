@@ -122,10 +122,13 @@ def rr_stage_s(run: Path) -> dict:
     return rr.read_run(run).stage_s
 
 
-def _save_episodes(run: Path, label: str, won: dict[str, bool]) -> None:
+def _save_episodes(run: Path, label: str, won: dict[str, bool], refused: int = 0) -> None:
+    """One episode per game: a refused action then a valid one for the first `refused` games,
+    else a single valid action."""
     from rl.trajectory import Step, Trajectory, save_trajectories
 
-    trajs = [Trajectory(i, task, [Step("obs", "act", True)], float(w), w) for i, (task, w) in enumerate(won.items())]
+    trajs = [Trajectory(i, task, [Step("obs", "bad", False)] * (i < refused) + [Step("obs", "act", True)], float(w), w)
+             for i, (task, w) in enumerate(won.items())]
     save_trajectories(trajs, run / "eval" / f"trajectories_{label}")
 
 
@@ -133,16 +136,17 @@ def test_flips_pair_the_games_and_sign_test_by_hand(tmp_path, capsys):
     # SFT wins g0 g1 g2; RL wins g1 g2 g3 g4 g5 (g6 lost by both): both 2, gained 3, lost 1
     d = make_run(tmp_path, "tw", 0, {"sft": 3 / 7, "rl": 5 / 7}, None)
     _save_episodes(d, "sft", {f"g{i}": i in (0, 1, 2) for i in range(7)})
-    _save_episodes(d, "rl", {f"g{i}": i in (1, 2, 3, 4, 5) for i in range(7)})
+    _save_episodes(d, "rl", {f"g{i}": i in (1, 2, 3, 4, 5) for i in range(7)}, refused=3)
     f = rr.read_flips(d)
     assert (f.games, f.both, f.gained, f.lost) == (7, 2, ["g3", "g4", "g5"], ["g0"])
     # 4 discordant games split 3 / 1: P(X <= 1) = (1 + 4) / 16, two-sided 10 / 16
     assert f.p_value == pytest.approx(0.625)
+    assert f.valid == {"sft": (7, 7), "final": (7, 10)}
     assert rr.sign_test(0, 0) == 1.0 and rr.sign_test(6, 0) == pytest.approx(2 / 64)
     assert rr.sign_test(2, 2) == 1.0  # an even split is capped at 1
     assert rr.main([str(d), "--flips"]) == 0
     rows = _rows(capsys.readouterr().out)
-    assert ["tw", "0", "7", "2", "3", "1", "0.625"] in rows
+    assert ["tw", "0", "7", "2", "3", "1", "0.625", "7/7 (100%)", "7/10 (70%)"] in rows
 
 
 def test_flips_need_both_policies_episodes(tmp_path, capsys):
