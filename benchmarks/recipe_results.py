@@ -21,7 +21,7 @@ points is a couple of games, and a "+0" can hide a policy that wins other games 
 prints, per run, the games won by the final policy only (gained) and by SFT only (lost), and the
 exact two-sided sign test on those discordant games (McNemar's exact test): the probability of a
 split at least that uneven if each discordant game were a fair coin. It also counts each policy's
-held-out actions the env accepted (`valid`), over all its games.
+held-out actions the env accepted over all its games (`grounding_accuracy` of rl.eval).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class Flips:
     both: int  # won by both
     gained: list[str]  # won by the final policy only
     lost: list[str]  # won by SFT only
-    valid: dict[str, tuple[int, int]]  # policy label -> (actions the env accepted, actions), all games
+    grounding: dict[str, float]  # "sft" / "final" -> share of its held-out actions the env accepted
 
     @property
     def p_value(self) -> float:
@@ -149,24 +149,25 @@ def sign_test(a: int, b: int) -> float:
 
 def read_flips(run_dir: Path, run: RunResult | None = None) -> Flips:
     """Pair SFT's and the final policy's episodes of `run_dir` (`run`: its read_run, if already read)."""
+    from rl.eval import episode_metrics
     from rl.trajectory import load_trajectories
 
     run = run or read_run(run_dir)
     if run.final_label == "sft" or run.sft is None:
         raise ValueError(f"{run_dir}: --flips needs an SFT and a later policy in eval/results.json")
-    won, valid = {}, {}
+    won, grounding = {}, {}
     for label in ("sft", run.final_label):
         path = Path(run_dir) / "eval" / f"trajectories_{label}"
         if not path.exists():
             raise FileNotFoundError(f"{run_dir}: no eval/trajectories_{label} (needed by --flips)")
         trajs = load_trajectories(path)
         won[label] = {t.task: bool(t.success) for t in trajs}
-        valid[label] = (sum(s.valid for t in trajs for s in t.steps), sum(t.num_steps for t in trajs))
+        grounding[label] = episode_metrics(trajs, prefix="")["grounding_accuracy"]
     games = sorted(set(won["sft"]) & set(won[run.final_label]))
     a, b = won["sft"], won[run.final_label]
     return Flips(run.recipe, run.seed, len(games), sum(a[g] and b[g] for g in games),
                  [g for g in games if b[g] and not a[g]], [g for g in games if a[g] and not b[g]],
-                 {"sft": valid["sft"], "final": valid[run.final_label]})
+                 {"sft": grounding["sft"], "final": grounding[run.final_label]})
 
 
 def flips_table(flips: list[Flips]) -> str:
@@ -174,9 +175,8 @@ def flips_table(flips: list[Flips]) -> str:
              "| valid actions SFT | valid actions final |",
              "|---|---|---|---|---|---|---|---|---|"]
     for f in sorted(flips, key=lambda f: (f.recipe, f.seed)):
-        cells = [f"{v}/{n} ({100 * v / max(n, 1):.0f}%)" for v, n in (f.valid["sft"], f.valid["final"])]
         lines.append(f"| {f.recipe} | {f.seed} | {f.games} | {f.both} | {len(f.gained)} | {len(f.lost)} "
-                     f"| {f.p_value:.3f} | {cells[0]} | {cells[1]} |")
+                     f"| {f.p_value:.3f} | {_pct(f.grounding['sft'])} | {_pct(f.grounding['final'])} |")
     return "\n".join(lines)
 
 

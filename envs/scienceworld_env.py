@@ -31,10 +31,9 @@ completion, or after `max_steps`.
 
 Expert: the engine's gold path, replayed once on the loaded world to drop the few commands the
 engine's own parser refuses (see `_replayed_gold`). It is not cut at the win: the step that
-completes a task differs between loads of one variation (see `_replayed_gold`), and callers stop
-at `done` anyway. Its no-op steps
-stay: under "easy" "open door to X" only answers "The door is already open.", but each still
-advances the clock, and dropping them shifts the life-cycle timing enough to lose
+completes a task differs between loads of one variation, and callers stop at `done` anyway.
+Its no-op steps stay: under "easy" "open door to X" only answers "The door is already open.",
+but each still advances the clock, and dropping them shifts the life-cycle timing enough to lose
 identify-life-stages-1/2.
 """
 
@@ -294,8 +293,9 @@ class ScienceWorldTextEnv:
 
     def expert_actions(self, task: str) -> list[str]:
         """ScienceWorld's gold path for `task`, without the steps the engine's own parser
-        rejects; play it until `done`, as steps may follow the win. Generating it reloads the engine: an episode that has not
-        taken a step yet is reset again (so reset-then-expert works), a later one ends."""
+        rejects; play it until `done`, as steps may follow the win. Generating it reloads the
+        engine: an episode that has not taken a step yet is reset again (so reset-then-expert
+        works), a later one ends."""
         if task not in self._gold:
             name, variation = self._check_task(task)
             running = self._task if self._task is not None and self.steps == 0 else None

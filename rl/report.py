@@ -18,7 +18,7 @@ from rl.tracking import read_metrics
 _CURVES = {
     "sft": ["sft/loss"],
     "progress": ["progress/train_loss", "progress/val_loss"],
-    "rl": ["reward", "success", "valid_steps", "kl_ref", "entropy", "value_loss", "clip_frac"],
+    "rl": ["reward", "success", "grounding_accuracy", "kl_ref", "entropy", "value_loss", "clip_frac"],
     "eval": ["eval/success_rate", "eval/grounding_accuracy", "eval/mean_turns"],  # during rl
     "dpo": ["dpo/loss", "dpo/rewards/margins"],
 }

@@ -100,5 +100,6 @@ def read_metrics(run_dir, stage: str | None = None) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut short by a killed run; the rest of the file is good
     rows = [r for r in rows if stage is None or r.get("stage") == stage]
-    last = {(r.get("stage"), r.get("step"), frozenset(r)): i for i, r in enumerate(rows)}
-    return [r for i, r in enumerate(rows) if last[(r.get("stage"), r.get("step"), frozenset(r))] == i]
+    keys = [(r.get("stage"), r.get("step"), frozenset(r)) for r in rows]
+    last = {k: i for i, k in enumerate(keys)}
+    return [r for i, (r, k) in enumerate(zip(rows, keys)) if last[k] == i]

@@ -65,7 +65,7 @@ def test_ppo_improves_success_on_toy_multiturn_task(warm_model, tok, tmp_path):
         assert key in rl_rows[0], key
     assert rl_rows[-1]["entropy"] < rl_rows[0]["entropy"]
     # every episode has 2 steps and a won one replied "A" twice (valid): valid share >= success
-    assert all(r["success"] <= r["valid_steps"] <= 1.0 for r in rl_rows)
+    assert all(r["success"] <= r["grounding_accuracy"] <= 1.0 for r in rl_rows)
     assert latest_checkpoint(tmp_path / "checkpoints").name == "step_8"
 
 

@@ -141,12 +141,12 @@ def test_flips_pair_the_games_and_sign_test_by_hand(tmp_path, capsys):
     assert (f.games, f.both, f.gained, f.lost) == (7, 2, ["g3", "g4", "g5"], ["g0"])
     # 4 discordant games split 3 / 1: P(X <= 1) = (1 + 4) / 16, two-sided 10 / 16
     assert f.p_value == pytest.approx(0.625)
-    assert f.valid == {"sft": (7, 7), "final": (7, 10)}
+    assert f.grounding == {"sft": 1.0, "final": 0.7}  # 7 of 7 actions valid; 7 of 10
     assert rr.sign_test(0, 0) == 1.0 and rr.sign_test(6, 0) == pytest.approx(2 / 64)
     assert rr.sign_test(2, 2) == 1.0  # an even split is capped at 1
     assert rr.main([str(d), "--flips"]) == 0
     rows = _rows(capsys.readouterr().out)
-    assert ["tw", "0", "7", "2", "3", "1", "0.625", "7/7 (100%)", "7/10 (70%)"] in rows
+    assert ["tw", "0", "7", "2", "3", "1", "0.625", "100.0%", "70.0%"] in rows
 
 
 def test_flips_need_both_policies_episodes(tmp_path, capsys):

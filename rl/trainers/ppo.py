@@ -51,6 +51,7 @@ from torch import nn
 
 from rl import algos
 from rl.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rl.eval import episode_metrics
 from rl.models import adapter_is_identity
 from rl.phases import peak_rss_gib, phase, release_memory, reset_peak_rss
 from rl.trainers.scoring import (Batch, PolicyWithValue, advantages, build_batch, count_decoder_tokens,  # noqa: F401
@@ -362,8 +363,8 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
             "success": sum(bool(t.success) for t in trajs) / n_batch,
             "failed_episodes": sum(t.failed is not None for t in trajs),
             "steps": sum(t.num_steps for t in trajs) / n_batch,
-            # grounding: the share of sampled actions the env accepted (info["valid"])
-            "valid_steps": sum(s.valid for t in trajs for s in t.steps) / max(sum(t.num_steps for t in trajs), 1),
+            # the share of sampled actions the env accepted, as eval reports it for greedy episodes
+            "grounding_accuracy": episode_metrics(trajs, prefix="")["grounding_accuracy"],
             "policy_loss": s[0] / ntok, "value_loss": s[1] / ntok, "kl_loss": s[2] / ntok,
             "entropy": s[3] / ntok, "clip_frac": s[4] / ntok, "approx_kl": s[5] / ntok,
             "kl_ref": algos.masked_mean(kl_fn(old_logp, ref_logp), mask).item() if cfg.kl_coef > 0 else 0.0,
