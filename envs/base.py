@@ -18,7 +18,9 @@ without the optional attributes their defaults, so a plain class with tasks/rese
 
 `info` from `step` always carries `valid` (the action was executable: the grounding signal),
 `won` (the task is solved) and `score` (the outcome so far, in [0, 1]). Environments may add keys
-(e.g. `progress` for the toy env's ground truth, `admissible` for the valid-action list).
+(e.g. `progress` for the toy env's ground truth, `admissible` for the valid-action list, `state`: a
+string naming the env's state after reset/step, equal for equal states whatever the observation
+says about how they were reached; GiGPO groups steps by it, see `rl.credit.modes.step_anchors`).
 
 Rewards are delayed: the rollout takes the episode outcome from the final `info["score"]`, not
 from summing `reward`, so an env may return 0 reward until the end.

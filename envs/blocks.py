@@ -183,7 +183,8 @@ class BlocksEnv:
         placed = len(well_placed(self.state, self.goal))
         progress = max(0.0, (placed - self.placed0) / (self.num_blocks - self.placed0))
         won = self.state == self.goal
-        return {"valid": valid, "won": won, "score": progress, "progress": progress, "well_placed": placed}
+        return {"valid": valid, "won": won, "score": progress, "progress": progress, "well_placed": placed,
+                "state": " ".join(self.state)}  # the arrangement: an observation after a refused move differs
 
     def reset(self, task: str) -> tuple[str, dict]:
         if task not in self._tasks:

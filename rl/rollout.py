@@ -448,6 +448,12 @@ def _json_scalars(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if isinstance(v, (bool, int, float, str))}
 
 
+def _state_before(info: dict[str, Any]) -> dict[str, str]:
+    """{"state_before": the env's state the action is taken in} when the env reports `info["state"]`
+    (in the info of the reset or of the step before): the anchor of GiGPO's step groups."""
+    return {"state_before": str(info["state"])} if "state" in info else {}
+
+
 def _finish(ep: _Episode, failed: str | None = None, truncated: bool = False,
             overflow: bool = False) -> Trajectory:
     return Trajectory(
@@ -528,7 +534,8 @@ def run_episodes(backend, tokenizer, env_factory: Callable[[], Any], episodes: l
             if actions[k] is None:  # malformed reply: the env is not stepped
                 ep.invalid += 1
                 ep.malformed += 1
-                ep.steps.append(Step(ep.observations[-1], texts[k], valid=False, info={"parsed": False}))
+                ep.steps.append(Step(ep.observations[-1], texts[k], valid=False,
+                                     info={"parsed": False, **_state_before(ep.info)}))
                 obs, is_done = INVALID_REPLY + ep.observations[-1], False
             else:
                 ok, res = results[k]
@@ -538,10 +545,11 @@ def run_episodes(backend, tokenizer, env_factory: Callable[[], Any], episodes: l
                     start(s)
                     continue
                 obs, reward, is_done, info = res
+                before = _state_before(ep.info)
                 ep.info = dict(info or {})
                 ep.invalid += not ep.info.get("valid", True)
                 ep.steps.append(Step(ep.observations[-1], texts[k], valid=bool(ep.info.get("valid", True)),
-                                     reward=float(reward), info=_json_scalars(ep.info)))
+                                     reward=float(reward), info={**_json_scalars(ep.info), **before}))
             ep.observations.append(obs)
             if is_done or len(ep.steps) >= cfg.max_turns:
                 finish(s, _finish(ep, truncated=not is_done))

@@ -110,6 +110,25 @@ def test_gigpo_std_normalised():
     assert np.allclose(np.concatenate(got), adv + 0.5 * adv)
 
 
+def test_gigpo_groups_by_the_envs_state_key_where_it_reports_one():
+    # both rollouts stand in state "S" at step 0 and b stands in it again at step 1, after a refused move
+    # whose feedback made its observation differ; the state key puts all three visits in one group
+    a = traj(0, 1.0, actions=("good",), obs=["Now: S"], group=0)
+    b = traj(1, 0.0, actions=("bad", "bad"), valid=[False, False], obs=["Now: S", "Nothing happens.\nNow: S"], group=0)
+    for t in (a, b):
+        for s in t.steps:
+            s.info["state_before"] = "S"
+    cfg = CreditConfig(mode="gigpo", gamma=0.5, gigpo_step_weight=1.0, gigpo_normalize_std=False)
+    got = step_rewards([a, b], cfg)
+    # returns a = [1], b = [0, 0]; A^E = [0.5, -0.5]; group "S" holds {1, 0, 0}: mean 1/3
+    assert approx(got, [[0.5 + 2 / 3], [-0.5 - 1 / 3, -0.5 - 1 / 3]])
+    for s in b.steps:  # without the key the refused move's observation is an anchor of its own: A^S = 0
+        del s.info["state_before"]
+    for s in a.steps:
+        del s.info["state_before"]
+    assert approx(step_rewards([a, b], cfg), [[0.5 + 0.5], [-0.5 - 0.5, -0.5]])
+
+
 def my_scorer(t):
     return [0.1 * (i + 1) for i in range(t.num_steps)]
 

@@ -67,6 +67,20 @@ def test_observation_moves_and_progress_by_hand():
     assert obs == "The blocks match the goal. You won."
 
 
+def test_state_key_names_the_arrangement_whatever_the_feedback():
+    env = make_env("blocks", num_blocks=3)
+    obs0, info0 = env.reset(env.tasks("train")[0])
+    moves = [(b, t) for b in "ABC" for t in "ABC" + "T"]
+    refused = next((b, t) for b, t in moves if apply_move(env.state, b, TABLE if t == "T" else t)[0] is None)
+    accepted = next((b, t) for b, t in moves if apply_move(env.state, b, TABLE if t == "T" else t)[0] is not None)
+    say = lambda b, t: f"move {b.lower()} onto {'table' if t == 'T' else t.lower()}"  # noqa: E731
+    obs1, _, _, info1 = env.step(say(*refused))
+    assert not info1["valid"] and obs1.startswith("Nothing happens") and obs1 != obs0
+    assert info1["state"] == info0["state"] == " ".join(env.state)
+    _, _, _, info2 = env.step(say(*accepted))
+    assert info2["valid"] and info2["state"] != info0["state"] and info2["state"] == " ".join(env.state)
+
+
 def test_invalid_moves_say_why_and_change_nothing():
     assert apply_move(("table", "A", "table"), "A", "C") == (None, "A is not clear")
     assert apply_move(("table", "A", "table"), "C", "A") == (None, "A is not clear")

@@ -188,7 +188,7 @@ def test_malformed_reply_is_invalid_step_not_env_step(tok, model):
     (traj,) = collect_rollouts(model, tok, CountEnv, ["fussy-2"], cfg)
     assert traj.num_steps == 3 and traj.success
     assert [s.valid for s in traj.steps] == [False, True, False]
-    assert traj.steps[0].info == {"parsed": False}
+    assert traj.steps[0].info == {"parsed": False}  # CountEnv reports no state: no state_before
     assert traj.steps[1].observation == INVALID_REPLY + traj.steps[0].observation
     assert CountEnv.instances[0].steps_taken == 2  # the env was not stepped on the bad reply
     assert traj.stats["malformed_replies"] == 1 and traj.stats["invalid_actions"] == 2
@@ -497,3 +497,22 @@ def test_bucketed_prefill_gives_the_same_replies_with_fewer_positions(tok, model
     assert not HFBackend(model, tok, RolloutConfig(), greedy=True).bucket
     with pytest.raises(ValueError, match="bucket_prefill"):
         RolloutConfig(bucket_prefill="yes")
+
+
+def test_each_step_records_the_state_its_action_was_taken_in(tok, model):
+    """An env that reports info["state"] gets it back per step as `state_before`: the reset's state
+    for the first action, the previous step's after that, and unchanged across a malformed reply."""
+
+    class StateEnv(CountEnv):
+        def reset(self, task):
+            obs, info = super().reset(task)
+            return obs, {**info, "state": "s0"}
+
+        def step(self, action):
+            obs, r, done, info = super().step(action)
+            return obs, r, done, {**info, "state": f"s{self.t}"}
+
+    cfg = RolloutConfig(max_turns=10, max_new_tokens=4, num_envs=1)
+    (traj,) = collect_rollouts(model, tok, StateEnv, ["fussy-2"], cfg)
+    assert [s.info.get("state_before") for s in traj.steps] == ["s0", "s0", "s1"]
+    assert [s.info.get("state") for s in traj.steps] == [None, "s1", "s2"]

@@ -137,8 +137,8 @@ def gigpo_advantages(returns: Sequence[np.ndarray], outcomes: np.ndarray, group_
                      eps: float = 1e-6) -> list[np.ndarray]:
     """GiGPO-style two-level advantage (Feng et al. 2025, "Group-in-Group Policy Optimization").
 
-    returns: G_{i,t} per trajectory (S_i,); outcomes R (B,); group_ids (B,); anchors: the
-    normalised observation of each step (S_i,). Episode level, over the trajectories of group k:
+    returns: G_{i,t} per trajectory (S_i,); outcomes R (B,); group_ids (B,); anchors: the state
+    each step was taken in, as a key (S_i,) (`step_anchors`). Episode level, over group k:
         A^E_i = (R_i - mean_k R) / (std_k R + eps)        (no division when normalize_std=False)
     Step level, over the anchor-state group {(j, s) : k(j) = k(i), anchor_{j,s} = anchor_{i,t}}:
         A^S_{i,t} = (G_{i,t} - mean G) / (std G + eps)    (no division when normalize_std=False)
@@ -159,6 +159,15 @@ def gigpo_advantages(returns: Sequence[np.ndarray], outcomes: np.ndarray, group_
 def normalize_observation(text: str) -> str:
     """Anchor-state key: lower case, whitespace collapsed, outer whitespace stripped."""
     return re.sub(r"\s+", " ", text.strip().lower())
+
+
+def step_anchors(traj: Trajectory) -> list[str]:
+    """GiGPO's anchor state of each step: the env's own state key where it reports one
+    (`info["state"]`, recorded by the rollout as the step's `state_before`), else the normalised
+    observation. The observation is a weaker key: after a refused action most envs prefix their
+    feedback ("Nothing happens: ..."), so a state revisited that way would start a group of its own."""
+    return [f"state:{s.info['state_before']}" if "state_before" in s.info else normalize_observation(s.observation)
+            for s in traj.steps]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +214,7 @@ def _mc(trajs, cfg, scorer):
 def _gigpo(trajs, cfg, scorer):
     returns = _mc(trajs, cfg, scorer)
     return gigpo_advantages(returns, np.array([float(t.outcome) for t in trajs]), [t.group_id for t in trajs],
-                            [[normalize_observation(s.observation) for s in t.steps] for t in trajs],
+                            [step_anchors(t) for t in trajs],
                             cfg.gigpo_step_weight, cfg.gigpo_normalize_std)
 
 
