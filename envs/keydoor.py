@@ -145,7 +145,11 @@ class KeyDoorEnv:
 
     def _info(self, valid: bool) -> dict:
         progress = 1.0 if self.won else (0.5 if self.has_key else 0.0)
-        return {"valid": valid, "won": self.won, "score": progress, "progress": progress}
+        # the state as a key: every observation but the first opens with the last action's feedback
+        # ("You walk north." / "Nothing happens: ..."), so equal states read differently
+        state = (f"at {self.pos} key {'held' if self.has_key else self.key} jammed {sorted(self.jammed)} "
+                 f"held {sorted(self.held)} won {self.won}")
+        return {"valid": valid, "won": self.won, "score": progress, "progress": progress, "state": state}
 
     def reset(self, task: str) -> tuple[str, dict]:
         if task not in self._layouts:

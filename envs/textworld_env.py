@@ -303,6 +303,10 @@ class TextWorldEnv:
         self._won = bool(state["won"])
         self._lost = bool(state["lost"])
         self._plan = state.get("policy_commands")
+        # the world's facts (where everything is, what is open, what is held) as a key: GiGPO's anchor
+        # state. The observation is not one: it opens with the last command's feedback
+        facts = "|".join(sorted(str(f) for f in state.get("facts") or ()))
+        self._state_key = hashlib.sha1(facts.encode()).hexdigest()[:16]
         if self._steps == 0:  # at reset (step() counts before absorbing)
             self._plan0 = max(1, len(self._plan or []))
 
@@ -317,7 +321,7 @@ class TextWorldEnv:
     def _info(self, valid: bool, lost: bool = False, truncated: bool = False) -> dict[str, Any]:
         info = {"valid": valid, "won": self._won, "lost": lost, "truncated": truncated,
                 "score": 1.0 if self._won else 0.0, "steps": self._steps,
-                "admissible": [] if self._done else list(self._admissible.values())}
+                "admissible": [] if self._done else list(self._admissible.values()), "state": self._state_key}
         if self.plan_progress:
             info["progress"] = self._plan_fraction()
         return info
@@ -325,7 +329,7 @@ class TextWorldEnv:
     def _env_infos(self):
         """What the engine reports each step (a subclass may ask for more)."""
         return self._tw.EnvInfos(admissible_commands=True, won=True, lost=True, score=True,
-                                 max_score=True, objective=True, extras=["walkthrough"],
+                                 max_score=True, objective=True, facts=True, extras=["walkthrough"],
                                  policy_commands=self.plan_progress)
 
     def reset(self, task: str) -> tuple[str, dict[str, Any]]:

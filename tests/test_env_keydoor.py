@@ -73,6 +73,19 @@ def test_invalid_actions_are_reported_not_raised(env):
     assert not info["valid"] and "wall to the south" in obs
 
 
+def test_state_key_is_equal_for_equal_states_whatever_the_feedback(env):
+    _, info0 = env.reset("train-0")  # key 2 steps east, door 2 steps north: a wall to the south
+    _, _, _, refused = env.step("go south")
+    _, _, _, moved = env.step("go east")
+    obs, _, _, back = env.step("go west")
+    assert not refused["valid"] and refused["state"] == info0["state"] == back["state"]
+    assert moved["state"] != info0["state"] and obs.startswith("You walk west.")
+    env.step("go east")
+    env.step("go east")
+    _, _, _, taken = env.step("take key")
+    assert taken["progress"] == 0.5 and taken["state"] != moved["state"] and "held" in taken["state"]
+
+
 def test_episode_ends_at_max_steps():
     env = make_env("keydoor", size=2, max_steps=3, num_train_tasks=4, num_dev_tasks=0, num_test_tasks=0)
     env.reset("train-0")

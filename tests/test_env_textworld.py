@@ -174,9 +174,10 @@ def test_invalid_action_is_answered_and_changes_nothing(env):
     assert info["valid"] is False and reward == 0.0 and not done
     assert "not a valid command" in obs and "dance wildly" in obs
     assert info["admissible"] == info0["admissible"] and info["steps"] == 1
+    assert info["state"] == info0["state"] and obs != obs0  # the same world state, read differently
     first = env.expert_actions("train-0000")[0]
     obs, reward, done, info = env.step("  " + first.upper() + "  ")  # case/space-insensitive
-    assert info["valid"] is True
+    assert info["valid"] is True and info["state"] != info0["state"]
 
 
 @pytest.mark.slow
