@@ -209,6 +209,12 @@ def test_kl_estimators_entropy_and_logprobs():
     assert algos.kl_k1(logp, ref).item() == pytest.approx(math.log(2))
     assert algos.kl_k3(logp, ref).item() == pytest.approx(0.5 + math.log(0.5) * -1 - 1, abs=1e-6)
     assert algos.kl_k3(ref, ref).item() == 0.0
+    # a token the policy finds 20 nats less likely than the reference: capped, and no gradient through it
+    far = torch.tensor([-25.0, -1.0], requires_grad=True)
+    k3 = algos.kl_k3(far, torch.tensor([-5.0, -1.5]))
+    assert k3[0].item() == algos.K3_MAX and k3[1].item() == pytest.approx(math.exp(-0.5) + 0.5 - 1, abs=1e-6)
+    k3.sum().backward()
+    assert far.grad[0].item() == 0.0 and far.grad[1].item() == pytest.approx(1 - math.exp(-0.5), abs=1e-6)
     assert algos.entropy_from_logits(torch.zeros(2, 4)).tolist() == pytest.approx([math.log(4)] * 2)
     logits = torch.zeros(1, 3, 4)
     logits[0, 0, 2] = math.log(3.0)  # p(token 2 | first token) = 3/6
