@@ -24,8 +24,8 @@ Departures from the papers (PPO: Schulman et al. 2017; GRPO: Shao et al. 2024; R
 et al. 2024):
 - one trajectory = one sequence: observation tokens are in the context but get no loss, no
   advantage and no discount (GAE skips them, as verl's multi-turn GAE);
-- the KL to the reference is a loss term (GRPO-style, k1 or k3 per token) for every algorithm,
-  not a per-token reward penalty;
+- the KL to the reference is a loss term (GRPO-style, k1 or k3 per token, k3 capped at 10 per
+  token as in verl) for every algorithm, not a per-token reward penalty;
 - losses are a token mean over the whole minibatch (across micro-batches and processes), not a
   per-sequence mean, so long trajectories weigh by their length;
 - a trajectory cut by `max_length` keeps its whole steps only; the rewards of the dropped steps
