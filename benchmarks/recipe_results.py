@@ -12,6 +12,7 @@ Each RUN_DIR is read as the pipeline leaves it:
     timing.json        wall seconds per finished stage, interrupted attempts included (rl.train writes
                        it); wall time is their sum
     eval/trajectories_<label>   the held-out episodes of each evaluated policy (read by --flips)
+    metrics.jsonl      the RL stage's evaluations on dev and keep_best's choice (read by --dev)
 
 The change is final - SFT in points of success rate (same seed, same held-out games), and its CI
 is the t-interval  mean ± t_{0.975, n-1} · s / sqrt(n)  over the recipe's seeds (n/a below 2 seeds).
@@ -180,10 +181,32 @@ def flips_table(flips: list[Flips]) -> str:
     return "\n".join(lines)
 
 
+def dev_curve(run_dir: Path) -> tuple[list[tuple[int, float]], int | None]:
+    """The RL stage's evaluations on its dev split, [(iteration, success)], and the iteration
+    rl.keep_best selected (None without keep_best), from run_dir/metrics.jsonl."""
+    from rl.tracking import read_metrics
+
+    evals = [(int(r["step"]), float(r["eval/success_rate"])) for r in read_metrics(run_dir, "eval")
+             if "eval/success_rate" in r]
+    chosen = [int(r["selected_iteration"]) for r in read_metrics(run_dir, "rl") if "selected_iteration" in r]
+    return sorted(evals), (chosen[-1] if chosen else None)
+
+
+def dev_table(run_dirs: list[Path], runs: list[RunResult]) -> str:
+    lines = ["| recipe | seed | dev success at RL iterations | kept (keep_best) |", "|---|---|---|---|"]
+    for d, r in sorted(zip(run_dirs, runs), key=lambda x: (x[1].recipe, x[1].seed)):
+        evals, chosen = dev_curve(d)
+        curve = " / ".join(f"{it}: {100 * x:.0f}%" for it, x in evals) or "-"
+        lines.append(f"| {r.recipe} | {r.seed} | {curve} | {'-' if chosen is None else chosen} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="finished run directories (runs/<name>)")
     parser.add_argument("--stages", action="store_true", help="also print each run's wall minutes per stage")
+    parser.add_argument("--dev", action="store_true",
+                        help="also print each run's RL evaluations on dev and the iteration keep_best kept")
     parser.add_argument("--flips", action="store_true",
                         help="also pair SFT's and the final policy's held-out episodes game by game")
     args = parser.parse_args(argv)
@@ -200,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in sorted(runs, key=lambda r: (r.recipe, r.seed)):
             cells = [_minutes(r.stage_s.get(s)) if s in r.stage_s else "-" for s in ("sft", "explore", "progress", "rl", "dpo", "eval")]
             print(f"| {r.recipe} | {r.seed} | " + " | ".join(cells) + " |")
+    if args.dev:
+        print("\n" + dev_table(args.run_dirs, runs))
     if flips:
         print("\n" + flips_table(flips))
     return 0

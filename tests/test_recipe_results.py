@@ -157,3 +157,15 @@ def test_flips_need_both_policies_episodes(tmp_path, capsys):
     only_sft = make_run(tmp_path, "a", 0, {"sft": 0.3}, None)
     with pytest.raises(ValueError, match="needs an SFT and a later policy"):
         rr.read_flips(only_sft)
+
+
+def test_dev_curve_reads_the_rl_evaluations_and_the_kept_iteration(tmp_path, capsys):
+    d = make_run(tmp_path, "bl", 1, {"sft": 0.4, "rl": 0.5}, None)
+    rows = [{"stage": "eval", "step": 0, "eval/success_rate": 0.42}, {"stage": "rl", "step": 1, "success": 0.3},
+            {"stage": "eval", "step": 4, "eval/success_rate": 0.58}, {"stage": "eval", "step": 8, "eval/success_rate": 0.35},
+            {"stage": "rl", "step": 8, "selected_iteration": 4, "selected_success": 0.58}]
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert rr.dev_curve(d) == ([(0, 0.42), (4, 0.58), (8, 0.35)], 4)
+    assert rr.main([str(d), "--dev"]) == 0
+    row = [r for r in _rows(capsys.readouterr().out) if r[0] == "bl" and len(r) == 4][0]
+    assert row == ["bl", "1", "0: 42% / 4: 58% / 8: 35%", "4"]
