@@ -183,11 +183,12 @@ def flips_table(flips: list[Flips]) -> str:
 
 def dev_curve(run_dir: Path) -> tuple[list[tuple[int, float]], int | None]:
     """The RL stage's evaluations on its dev split, [(iteration, success)], and the iteration
-    rl.keep_best selected (None without keep_best), from run_dir/metrics.jsonl."""
+    rl.keep_best selected (None without keep_best), from run_dir/metrics.jsonl. The eval stage logs
+    its test results under the same stage name, with the policy's label: those rows are skipped."""
     from rl.tracking import read_metrics
 
     evals = [(int(r["step"]), float(r["eval/success_rate"])) for r in read_metrics(run_dir, "eval")
-             if "eval/success_rate" in r]
+             if "eval/success_rate" in r and "policy" not in r]
     chosen = [int(r["selected_iteration"]) for r in read_metrics(run_dir, "rl") if "selected_iteration" in r]
     return sorted(evals), (chosen[-1] if chosen else None)
 

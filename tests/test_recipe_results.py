@@ -163,7 +163,10 @@ def test_dev_curve_reads_the_rl_evaluations_and_the_kept_iteration(tmp_path, cap
     d = make_run(tmp_path, "bl", 1, {"sft": 0.4, "rl": 0.5}, None)
     rows = [{"stage": "eval", "step": 0, "eval/success_rate": 0.42}, {"stage": "rl", "step": 1, "success": 0.3},
             {"stage": "eval", "step": 4, "eval/success_rate": 0.58}, {"stage": "eval", "step": 8, "eval/success_rate": 0.35},
-            {"stage": "rl", "step": 8, "selected_iteration": 4, "selected_success": 0.58}]
+            {"stage": "rl", "step": 8, "selected_iteration": 4, "selected_success": 0.58},
+            # the eval stage's rows on test share the stage name; "policy" tells them apart
+            {"stage": "eval", "step": 0, "eval/success_rate": 0.4, "policy": "sft"},
+            {"stage": "eval", "step": 1, "eval/success_rate": 0.5, "policy": "rl"}]
     (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     assert rr.dev_curve(d) == ([(0, 0.42), (4, 0.58), (8, 0.35)], 4)
     assert rr.main([str(d), "--dev"]) == 0
