@@ -42,8 +42,10 @@ def test_invalid_penalty_bad_values_and_modes_fail_early():
     for bad in (-0.1, math.nan):
         with pytest.raises(ValueError, match="credit.invalid_penalty=.*must be a number >= 0"):
             CreditConfig(mode="terminal", invalid_penalty=bad).validate()
-    with pytest.raises(ValueError, match="credit.mode='terminal' only .*credit.beta"):
+    with pytest.raises(ValueError, match="terminal, mc and gigpo only .*'spa'.*credit.beta"):
         CreditConfig(mode="spa", invalid_penalty=0.1).validate()
+    for mode in ("terminal", "mc", "gigpo"):
+        CreditConfig(mode=mode, invalid_penalty=0.1).validate()
 
 
 def test_spa_hand_computed():
@@ -127,6 +129,18 @@ def test_gigpo_groups_by_the_envs_state_key_where_it_reports_one():
     for s in a.steps:
         del s.info["state_before"]
     assert approx(step_rewards([a, b], cfg), [[0.5 + 0.5], [-0.5 - 0.5, -0.5]])
+
+
+def test_gigpo_invalid_penalty_enters_the_step_returns_only():
+    # a refused move and the valid move after it share state "S" (the refusal leaves the state as it was)
+    a = traj(0, 1.0, actions=("bad", "good"), valid=[False, True], obs=["S", "S"], group=0)
+    b = traj(1, 0.0, actions=("other",), obs=["S"], group=0)
+    cfg = CreditConfig(mode="gigpo", gamma=1.0, gigpo_step_weight=1.0, gigpo_normalize_std=False, invalid_penalty=0.2)
+    # returns: a = [1 - 0.2, 1], b = [0]; A^E = R - mean R = [0.5, -0.5] (outcomes unpenalised)
+    # group "S" holds {0.8, 1.0, 0.0}: mean 0.6, so A^S = [0.2, 0.4, -0.6]
+    assert approx(step_rewards([a, b], cfg), [[0.5 + 0.2, 0.5 + 0.4], [-0.5 - 0.6]])
+    # mc: the penalty is in u_k, so in every return before it
+    assert approx(step_rewards([a], CreditConfig(mode="mc", gamma=0.5, invalid_penalty=0.2)), [[-0.2 + 0.5, 1.0]])
 
 
 def my_scorer(t):

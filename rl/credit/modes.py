@@ -6,10 +6,11 @@ the same task in one batch share it).
 
     terminal  r_t = R·[t = T] - p·(1 - g_t)        (sparse, delayed reward; p = invalid_penalty, 0 by default)
     spa       r_t = alpha·c_t + beta·g_t (+ R·[t = T] with spa_add_outcome)   c_t: estimated progress
-    mc        r_t = G_t = sum_{k>=t} gamma^(k-t) u_k,  u_k = R·[k = T] (+ env reward of step k): a
+    mc        r_t = G_t = sum_{k>=t} gamma^(k-t) u_k,  u_k = R·[k = T] - p·(1 - g_k) (+ env reward of step k): a
               return, for heat-maps and analysis; the RL stage refuses it (its estimators sum
               rewards to go themselves: terminal with rl.gamma gives these returns there)
-    gigpo     r_t = A^E_i + w·A^S_{i,t}          (an advantage, not a reward: see `gigpo_advantages`)
+    gigpo     r_t = A^E_i + w·A^S_{i,t}          (an advantage, not a reward: see `gigpo_advantages`;
+              A^S compares the returns G_t of mc, so p acts through the step level only)
     prm       r_t = s_t (+ R·[t = T] with prm_add_outcome)          s_t: any per-step scorer
 
 The math lives in small pure functions over numpy arrays (`*_credit`, `discounted_returns`,
@@ -43,8 +44,8 @@ class CreditConfig:
     # stay below the outcome scale, or walking around validly pays more than finishing the task.
     beta: float = 0.1
     spa_add_outcome: bool = False  # spa: also add R at the last step (c_t already sums to ~R)
-    # terminal: subtracted at every step whose action the env refused. The grounding signal without
-    # an estimator; a penalty, not a bonus, so that a longer episode is not paid more.
+    # terminal / mc / gigpo: subtracted at every step whose action the env refused. The grounding
+    # signal without an estimator; a penalty, not a bonus, so that a longer episode is not paid more.
     invalid_penalty: float = 0.0
     gamma: float = 1.0  # mc / gigpo: discount of the per-step return G_t
     mc_env_rewards: bool = False  # mc / gigpo: add env step rewards to u_k (off: R already is the final score)
@@ -60,9 +61,9 @@ class CreditConfig:
             raise ValueError(f"credit.gamma={self.gamma}: must lie in [0, 1]")
         if not (math.isfinite(self.invalid_penalty) and self.invalid_penalty >= 0.0):
             raise ValueError(f"credit.invalid_penalty={self.invalid_penalty}: must be a number >= 0")
-        if self.invalid_penalty and self.mode != "terminal":
-            raise ValueError(f"credit.invalid_penalty is used by credit.mode='terminal' only (here {self.mode!r}; "
-                             "spa's grounding term is credit.beta)")
+        if self.invalid_penalty and self.mode not in ("terminal", "mc", "gigpo"):
+            raise ValueError(f"credit.invalid_penalty is used by credit.mode terminal, mc and gigpo only (here "
+                             f"{self.mode!r}; spa's grounding term is credit.beta)")
         if self.mode == "prm" and self.prm_scorer and ":" not in self.prm_scorer:
             raise ValueError(f"credit.prm_scorer={self.prm_scorer!r}: expected 'package.module:function'")
 
@@ -174,8 +175,8 @@ def step_anchors(traj: Trajectory) -> list[str]:
 # Adapters: trajectories -> arrays -> math. One signature: (trajs, cfg, scorer) -> per-step lists
 
 
-def _utilities(traj: Trajectory, env_rewards: bool) -> np.ndarray:
-    u = terminal_credit(traj.num_steps, float(traj.outcome))
+def _utilities(traj: Trajectory, env_rewards: bool, invalid_penalty: float) -> np.ndarray:
+    u = terminal_credit(traj.num_steps, float(traj.outcome)) + invalid_step_penalty(_valid(traj), invalid_penalty)
     if env_rewards:
         u += np.array([float(s.reward) for s in traj.steps])
     return u
@@ -208,7 +209,7 @@ def _spa(trajs, cfg, scorer):
 
 
 def _mc(trajs, cfg, scorer):
-    return [discounted_returns(_utilities(t, cfg.mc_env_rewards), cfg.gamma) for t in trajs]
+    return [discounted_returns(_utilities(t, cfg.mc_env_rewards, cfg.invalid_penalty), cfg.gamma) for t in trajs]
 
 
 def _gigpo(trajs, cfg, scorer):
