@@ -199,8 +199,7 @@ def _valid(traj: Trajectory) -> np.ndarray:
 
 
 def _terminal(trajs, cfg, scorer):
-    return [terminal_credit(t.num_steps, float(t.outcome)) + invalid_step_penalty(_valid(t), cfg.invalid_penalty)
-            for t in trajs]
+    return [_utilities(t, False, cfg.invalid_penalty) for t in trajs]
 
 
 def _spa(trajs, cfg, scorer):
