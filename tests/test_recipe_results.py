@@ -172,3 +172,22 @@ def test_dev_curve_reads_the_rl_evaluations_and_the_kept_iteration(tmp_path, cap
     assert rr.main([str(d), "--dev"]) == 0
     row = [r for r in _rows(capsys.readouterr().out) if r[0] == "bl" and len(r) == 4][0]
     assert row == ["bl", "1", "0: 42% / 4: 58% / 8: 35%", "4"]
+
+
+def test_paired_differences_by_hand(tmp_path, capsys):
+    # b and a from the same SFT on seeds 0-2; c only on seed 0, from another SFT; d shares no seed
+    dirs = [make_run(tmp_path, "a", 0, {"sft": 0.40, "rl": 0.60}, None),
+            make_run(tmp_path, "a", 1, {"sft": 0.50, "rl": 0.55}, None),
+            make_run(tmp_path, "a", 2, {"sft": 0.30, "rl": 0.40}, None),
+            make_run(tmp_path, "b", 0, {"sft": 0.40, "rl": 0.50}, None),
+            make_run(tmp_path, "b", 1, {"sft": 0.50, "rl": 0.50}, None),
+            make_run(tmp_path, "b", 2, {"sft": 0.30, "rl": 0.20}, None),
+            make_run(tmp_path, "c", 0, {"sft": 0.45, "rl": 0.45}, None),
+            make_run(tmp_path, "d", 9, {"sft": 0.45, "rl": 0.45}, None)]
+    assert rr.main([str(d) for d in dirs] + ["--paired"]) == 0
+    rows = {r[0]: r[1:] for r in _rows(capsys.readouterr().out) if " - " in r[0]}
+    # a - b: +10, +5, +20; mean 11.67, s = 7.638, half = 4.3027 * 7.638 / sqrt(3) = 18.97
+    assert rows["a - b"] == ["3", "3 of 3", "0: +10.0 / 1: +5.0 / 2: +20.0", "+11.7", "[-7.3, +30.6]"]
+    assert rows["a - c"] == ["1", "0 of 1", "0: +15.0", "+15.0", "n/a"]
+    assert rows["b - c"] == ["1", "0 of 1", "0: +5.0", "+5.0", "n/a"]
+    assert not any("d" in k.split(" - ") for k in rows)  # d shares no seed with anyone
