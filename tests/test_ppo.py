@@ -474,3 +474,16 @@ def test_separate_critic_reads_its_own_backbone(warm_model, tok):
         ref = algos.token_logprobs(wrapped.policy(input_ids=batch.input_ids).logits, batch.input_ids)
     real, m = batch.attention_mask.bool(), batch.action_mask.bool()
     assert torch.allclose(values[real], want[real], atol=1e-5) and torch.allclose(logp[m], ref[m], atol=1e-5)
+
+
+def test_gigpo_logs_its_advantages_under_their_own_name(warm_model, tok, tmp_path):
+    # credit.mode=gigpo hands advantages to rl.algo=gigpo: here +1 per step of a won episode, -1 of a lost one
+    def advantages_as_credit(trajs):
+        return [[1.0 if t.success else -1.0] * t.num_steps for t in trajs]
+
+    _, rows = run(small_cfg(algo="gigpo", iterations=1, eval_every=1), copy.deepcopy(warm_model), tok, tmp_path,
+                  credit=advantages_as_credit, eval_n=4)
+    (row,) = [r for r in rows if r["stage"] == "rl" and "outcome" in r]
+    assert "reward" not in row
+    # every toy episode has 2 steps: the per-episode sum is 2 (won) or -2 (lost), so its mean is 4·success - 2
+    assert row["advantage_sum"] == pytest.approx(4 * row["success"] - 2)

@@ -358,8 +358,12 @@ def train_rl(cfg: PPOConfig, policy, tokenizer, rollout_fn: RolloutFn, credit_fn
 
         # 7: log, eval, checkpoint
         ret = batch.step_rewards.sum(1)
+        # under rl.algo=gigpo the step "rewards" are credit.mode=gigpo's advantages: their sum over an
+        # episode is no reward (below 0 whenever failed episodes run longer than won ones), so it is
+        # logged under its own name and `outcome` is the reward to read
         metrics = {
-            "reward": ret.mean().item(), "outcome": sum(t.outcome for t in trajs) / n_batch,
+            "advantage_sum" if cfg.estimator == "given" else "reward": ret.mean().item(),
+            "outcome": sum(t.outcome for t in trajs) / n_batch,
             "success": sum(bool(t.success) for t in trajs) / n_batch,
             "failed_episodes": sum(t.failed is not None for t in trajs),
             "steps": sum(t.num_steps for t in trajs) / n_batch,
