@@ -117,6 +117,43 @@ def read_templates(server) -> tuple[str, ...]:
     return tuple(sorted(templates))
 
 
+_NAMED = re.compile(r"\b(?:a|an|the)\s+([a-z][a-z0-9 \-]*?)(?=\s*(?:[,.():;\n]|$|\bcontaining\b|\bwhich\b))")
+_ARRIVED = ("You move to the ", "You teleport to the ")
+
+
+def visible_names(text: str) -> list[str]:
+    """The object names a look or inventory text shows, as it writes them ("a giant tortoise egg"
+    -> "giant tortoise egg", "a oven, which is turned off" -> "oven"), first occurrence first."""
+    return list(dict.fromkeys(m.strip() for m in _NAMED.findall(text.lower()) if m.strip()))
+
+
+def with_display_names(action: str, names: list[str]) -> str:
+    """`action` with every run of words that is a shuffled or stuttered form of one of `names`
+    written as that name: the engine's gold agent names things by referents such as "egg giant
+    tortoise" or "baby baby elephant", which no observation shows ("a giant tortoise egg", "a baby
+    elephant"), so a policy cloning them must invent words. Longer names go first; a run must use
+    every word of the name and nothing else, so "red box" never becomes part of another name."""
+    words = action.split()
+    for name in sorted(set(names), key=lambda n: -len(n.split())):
+        target = name.split()
+        vocab = set(target)
+        if len(vocab) < 2:
+            continue
+        out, i = [], 0
+        while i < len(words):
+            j = i
+            while j < len(words) and words[j] in vocab:
+                j += 1
+            if j == i:
+                out.append(words[i])
+                i += 1
+                continue
+            out += target if set(words[i:j]) == vocab else words[i:j]
+            i = j
+        words = out
+    return " ".join(words)
+
+
 def normalise(text: str) -> str:
     """Lower-case, single spaces: the form actions are compared in."""
     return re.sub(r"\s+", " ", text.strip().lower())
@@ -155,6 +192,14 @@ class ScienceWorldTextEnv:
     - `seed`: fixes which variations are drawn.
     - `list_admissible`: put ScienceWorld's valid action list in `info["admissible"]` (costs
       10-45 ms per step).
+    - `look_on_arrival`: after a move that lands ("You move to the kitchen."), append the engine's
+      free look at the new room (no step, no time passes). The engine's reply to a move names only
+      the room, and the gold paths act on what is there without a `look around` (lifespan-*: `go to
+      outside`, then `focus on` an animal no observation has named). Off by default: the
+      benchmark's own observations.
+    - `gold_display_names`: write the expert's object referents as the observations show them
+      (`with_display_names`: "focus on baby baby elephant" -> "focus on baby elephant"), keeping a
+      rewritten path only when it replays to the same end as the engine's. Off by default.
     """
 
     system_prompt = (
@@ -171,7 +216,8 @@ class ScienceWorldTextEnv:
 
     def __init__(self, task_names: list[str] | tuple[str, ...] = DEFAULT_TASKS,
                  max_variations_per_task: int | None = 10, simplification: str = "easy",
-                 max_steps: int = 40, seed: int = 0, list_admissible: bool = False):
+                 max_steps: int = 40, seed: int = 0, list_admissible: bool = False,
+                 look_on_arrival: bool = False, gold_display_names: bool = False):
         names = list(task_names)
         allowed = known_task_names()
         for name in names:
@@ -187,6 +233,8 @@ class ScienceWorldTextEnv:
         self.max_steps = max_steps
         self.seed = seed
         self.list_admissible = list_admissible
+        self.look_on_arrival = look_on_arrival
+        self.gold_display_names = gold_display_names
         self._sw = None  # the ScienceWorldEnv (JVM), started on first use
         self._splits: dict[str, list[str]] = {}
         self._gold: dict[str, list[str]] = {}
@@ -283,6 +331,8 @@ class ScienceWorldTextEnv:
             server = self._sw.server
             obs = str(server.step(command))
             valid = not obs.startswith(_PARSE_FAILURES)
+            if self.look_on_arrival and obs.startswith(_ARRIVED):
+                obs = f"{obs.strip()}\n\n{server.freeActionLook().strip()}"
             self.raw_score = float(server.getScore())
             self.won = bool(server.getCompleted()) and self.raw_score >= 0
         failed = self.raw_score < 0
@@ -301,6 +351,8 @@ class ScienceWorldTextEnv:
             running = self._task if self._task is not None and self.steps == 0 else None
             self._load(name, variation, gold=True)
             self._gold[task] = self._replayed_gold()
+            if self.gold_display_names:
+                self._gold[task] = self._display_gold(name, variation, self._gold[task])
             self._task = None
             if running is not None:
                 self.reset(running)
@@ -330,6 +382,24 @@ class ScienceWorldTextEnv:
                 kept.pop()
             pending = obs.startswith(_AMBIGUOUS)
         return kept
+
+    def _display_gold(self, name: str, variation: int, path: list[str]) -> list[str]:
+        """`path` with each action's referents in the names the observations show at that step
+        (the room's look and the inventory), replayed on a fresh load; `path` itself unless the
+        rewritten one has every action accepted, no new ambiguity prompt, and the same end."""
+        server = self._sw.server
+        won_before = bool(server.getCompleted()) and float(server.getScore()) >= 0
+        self._load(name, variation)
+        rewritten = []
+        for action in path:
+            shown = f"{server.freeActionLook()}\n{server.freeActionInventory()}"
+            readable = with_display_names(action, visible_names(shown))
+            obs = str(server.step(readable))
+            if obs.startswith(_PARSE_FAILURES) or (readable != action and obs.startswith(_AMBIGUOUS)):
+                return path
+            rewritten.append(readable)
+        won_after = bool(server.getCompleted()) and float(server.getScore()) >= 0
+        return rewritten if won_after == won_before else path
 
     def close(self) -> None:
         if self._sw is not None:

@@ -4,7 +4,7 @@ import pytest
 
 from envs import EnvError, check_env, make_env
 from envs.scienceworld_env import (compile_grammar, known_task_names, normalise, parse_action,
-                                   score_from_raw, split_task_id)
+                                   score_from_raw, split_task_id, visible_names, with_display_names)
 
 
 # The engine's own templates (as `read_templates` returns them for power-component, "easy";
@@ -75,6 +75,35 @@ def test_small_helpers():
             split_task_id(bad)
     assert [score_from_raw(x) for x in (-1.0, 0.0, 0.25, 1.0, 1.5)] == [0.0, 0.0, 0.25, 1.0, 1.0]
     assert normalise("  Open   Door to Kitchen ") == "open door to kitchen"
+
+
+LOOK_OUTSIDE = """This outside location is called the outside. Here you see: 
+	the agent
+	a substance called air
+	a baby beaver
+	a chameleon egg
+	a baby elephant
+	a fire pit (containing nothing)
+	a counter. On the counter is: a bowl (containing a red apple, a banana), a drawer.
+	a oven, which is turned off. 
+You also see:
+	A door to the foundry (that is open)"""
+
+
+def test_visible_names_and_display_names():
+    names = visible_names(LOOK_OUTSIDE)
+    assert {"baby beaver", "chameleon egg", "baby elephant", "fire pit", "bowl", "red apple", "banana",
+            "drawer", "oven", "substance called air"} <= set(names)
+    # the gold agent's referents (stuttered life stage, stage first) become what the look shows
+    assert with_display_names("focus on baby baby elephant", names) == "focus on baby elephant"
+    assert with_display_names("focus on egg chameleon", names) == "focus on chameleon egg"
+    assert with_display_names("move egg chameleon egg in inventory to red box", names) == \
+        "move chameleon egg in inventory to red box"
+    assert with_display_names("pick up apple red", names) == "pick up red apple"
+    # a run must be exactly a name's words: "baby baby" alone is neither animal, template words stay
+    assert with_display_names("focus on baby baby", names) == "focus on baby baby"
+    assert with_display_names("open door to foundry", names) == "open door to foundry"
+    assert with_display_names("focus on red apple", names) == "focus on red apple"
 
 
 def test_bad_options_fail_before_starting_java():
@@ -255,3 +284,38 @@ def test_gold_path_of_every_task_wins_with_every_action_valid():
         if len(actions) <= UNREPRODUCIBLE.get(split_task_id(task)[0], 0):
             del refused[task]
     assert refused == {}
+
+
+@pytest.mark.slow
+def test_readable_demos_name_only_what_the_policy_was_shown():
+    """lifespan-*: the engine's reply to `go to outside` names no animal and its gold agent then
+    focuses on "egg giant tortoise"; with the two options every object a demo acts on was shown."""
+    opts = dict(task_names=["lifespan-longest-lived", "lifespan-shortest-lived"], max_variations_per_task=4,
+                max_steps=12)
+    plain = make_env("scienceworld", **opts)
+    readable = make_env("scienceworld", **opts, look_on_arrival=True, gold_display_names=True)
+    try:
+        unseen, rewritten = {}, 0
+        for task in readable.tasks("train"):
+            gold, demo = plain.expert_actions(task), readable.expert_actions(task)
+            assert len(gold) == len(demo)
+            rewritten += gold != demo
+            obs, _ = readable.reset(task)
+            seen, info = obs, {}
+            for action in demo:
+                if action.startswith("focus on ") and action[len("focus on "):] not in seen:
+                    unseen[task] = action
+                obs, _, done, info = readable.step(action)
+                seen += "\n" + obs
+                if done:
+                    break
+            assert info["won"], (task, demo)
+        assert unseen == {} and rewritten >= 2
+        plain.reset(readable.tasks("train")[0])
+        assert plain.step("teleport to outside")[0] == "You teleport to the outside."
+        readable.reset(readable.tasks("train")[0])
+        obs = readable.step("teleport to outside")[0]
+        assert obs.startswith("You teleport to the outside.\n\nThis outside location is called the outside. Here you see:")
+    finally:
+        plain.close()
+        readable.close()
