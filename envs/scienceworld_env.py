@@ -154,6 +154,11 @@ def with_display_names(action: str, names: list[str]) -> str:
     return " ".join(words)
 
 
+def completed(server) -> bool:
+    """The engine says the task is done and it did not fail (a failure also completes it, at -1)."""
+    return bool(server.getCompleted()) and float(server.getScore()) >= 0
+
+
 def normalise(text: str) -> str:
     """Lower-case, single spaces: the form actions are compared in."""
     return re.sub(r"\s+", " ", text.strip().lower())
@@ -334,7 +339,7 @@ class ScienceWorldTextEnv:
             if self.look_on_arrival and obs.startswith(_ARRIVED):
                 obs = f"{obs.strip()}\n\n{server.freeActionLook().strip()}"
             self.raw_score = float(server.getScore())
-            self.won = bool(server.getCompleted()) and self.raw_score >= 0
+            self.won = completed(server)
         failed = self.raw_score < 0
         truncated = not (self.won or failed) and self.steps >= self.max_steps
         done = self.won or failed or truncated
@@ -388,7 +393,7 @@ class ScienceWorldTextEnv:
         (the room's look and the inventory), replayed on a fresh load; `path` itself unless the
         rewritten one has every action accepted, no new ambiguity prompt, and the same end."""
         server = self._sw.server
-        won_before = bool(server.getCompleted()) and float(server.getScore()) >= 0
+        won_before = completed(server)
         self._load(name, variation)
         rewritten = []
         for action in path:
@@ -398,8 +403,7 @@ class ScienceWorldTextEnv:
             if obs.startswith(_PARSE_FAILURES) or (readable != action and obs.startswith(_AMBIGUOUS)):
                 return path
             rewritten.append(readable)
-        won_after = bool(server.getCompleted()) and float(server.getScore()) >= 0
-        return rewritten if won_after == won_before else path
+        return rewritten if completed(server) == won_before else path
 
     def close(self) -> None:
         if self._sw is not None:
